@@ -1,0 +1,235 @@
+"""The ``ainode`` command line: wires settings to the node's parts; one clear line on error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from datetime import date, timedelta
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from tqdm import tqdm
+
+from node import __version__, phantom, schema
+from node.db import Study, make_engine
+from node.pull import PullError
+from node.settings import Settings, load_settings
+
+log = logging.getLogger("ainode")
+
+
+def _setup_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ainode", description="AI node for chest CT beside a PACS"
+    )
+    parser.add_argument("--version", action="version", version=f"ainode {__version__}")
+    parser.add_argument("-c", "--config", type=Path, help="TOML settings file ($AINODE_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", help="run the node: storage SCP and study lifecycle")
+    sub.add_parser("scp", help="run only the storage SCP (same as serve for now)")
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade", "current"])
+
+    studies = sub.add_parser("studies", help="list received studies")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+    studies.add_argument("--status", help="only studies in this lifecycle status")
+
+    pull = sub.add_parser("pull", help='fetch "Tórax Simple" CT studies from a PACS')
+    pull.add_argument("--peer", help="peer name or AE title (default: the only peer)")
+    pull.add_argument("--method", choices=["get", "move"], default="get")
+    pull.add_argument("--source", choices=["dimse", "dicomweb"], default="dimse")
+    pull.add_argument("--from", dest="date_from", help="first study date YYYYMMDD")
+    pull.add_argument("--to", dest="date_to", help="last study date YYYYMMDD (default today)")
+    pull.add_argument("--days", type=int, default=7, help="without --from: the last N days")
+    pull.add_argument("--all-dates", action="store_true", help="no date restriction")
+    pull.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    echo = sub.add_parser("echo", help="C-ECHO a peer")
+    echo.add_argument("--peer", help="peer name or AE title (default: the only peer)")
+
+    ph = sub.add_parser("phantom", help="write a synthetic chest CT series")
+    phantom.add_arguments(ph)
+    return parser
+
+
+def _date_range(args: argparse.Namespace) -> str | None:
+    if args.all_dates:
+        return None
+    for value, name in ((args.date_from, "--from"), (args.date_to, "--to")):
+        if value and not (len(value) == 8 and value.isdigit()):
+            raise ValueError(f"{name} must be YYYYMMDD, got {value!r}")
+    until = args.date_to or date.today().strftime("%Y%m%d")
+    since = args.date_from or (date.today() - timedelta(days=args.days)).strftime("%Y%m%d")
+    return f"{since}-{until}"
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from node.service import build_node, serve
+
+    node = build_node(settings, migrate=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"ainode {__version__}: AE {settings.ae_title} on port {settings.dicom_port}, "
+        f"database {node.engine.url.render_as_string(hide_password=True)}, "
+        f"store {settings.store_path}",
+        flush=True,
+    )
+    try:
+        serve(node, stop)
+    finally:
+        node.close()
+    return 0
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        if args.action == "upgrade":
+            schema.upgrade(engine)
+        current, head = schema.current_revision(engine), schema.head_revision()
+        print(f"database at revision {current} (head {head})")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
+    from node.service import build_node
+
+    node = build_node(settings)
+    try:
+        with node.session_factory() as session:
+            query = select(Study).order_by(Study.last_received_at.desc())
+            if args.status:
+                query = query.where(Study.status == args.status)
+            rows = [_study_row(study) for study in session.scalars(query)]
+    finally:
+        node.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    print(
+        f"{'STATUS':<10} {'MOD':<6} {'SERIES':>6} {'INST':>6}  {'RECEIVED':<19}  DESCRIPTION / UID"
+    )
+    for row in rows:
+        print(
+            f"{row['status']:<10} {row['modalities']:<6} {row['series_count']:>6} "
+            f"{row['instance_count']:>6}  {row['last_received_at'][:19]:<19}  "
+            f"{row['study_description'] or '-'}  {row['study_instance_uid']}"
+        )
+    return 0
+
+
+def _study_row(study: Study) -> dict:
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "status": study.status,
+        "status_reason": study.status_reason,
+        "modalities": study.modalities,
+        "study_description": study.study_description,
+        "study_date": study.study_date,
+        "patient_id": study.patient_id,
+        "series_count": study.series_count,
+        "instance_count": study.instance_count,
+        "first_received_at": study.first_received_at.isoformat(),
+        "last_received_at": study.last_received_at.isoformat(),
+    }
+
+
+def cmd_pull(settings: Settings, args: argparse.Namespace) -> int:
+    from node.dicomweb import pull_dicomweb
+    from node.pull import pull_dimse
+    from node.service import build_node
+
+    peer = settings.peer(args.peer)
+    date_range = _date_range(args)
+    node = build_node(settings, migrate=True)
+    bars: list[tqdm] = []
+
+    def progress(study, total):
+        bar = tqdm(
+            total=total,
+            unit="inst",
+            desc=study.study_description[:24] or "study",
+            disable=args.no_progress,
+            file=sys.stderr,
+        )
+        bars.append(bar)
+        return bar.update
+
+    try:
+        if args.source == "dicomweb":
+            report = pull_dicomweb(settings, node.ingestor, peer, date_range, progress)
+        else:
+            report = pull_dimse(settings, node.ingestor, peer, date_range, args.method, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+        node.close()
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    peer = settings.peer(args.peer)
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise PullError(f"association to {peer.ae_title}@{peer.host}:{peer.port} failed")
+    status = assoc.send_c_echo()
+    assoc.release()
+    if not status or status.Status != 0:
+        raise PullError(f"C-ECHO to {peer.ae_title} failed")
+    print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success")
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "scp": cmd_serve,
+    "db": cmd_db,
+    "studies": cmd_studies,
+    "pull": cmd_pull,
+    "echo": cmd_echo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ainode`` console script."""
+    args = _setup_argparser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if args.command == "phantom":
+        return phantom.run(args)
+    try:
+        settings = load_settings(args.config)
+        return COMMANDS[args.command](settings, args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        print(f"ainode: invalid setting {where}: {first['msg']}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, SQLAlchemyError) as exc:
+        print(f"ainode: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The node's one settings object: environment (``AINODE_*``), an optional TOML file, defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def default_data_dir() -> Path:
+    """Where the embedded database and the instance store live unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "ainode"
+
+
+def check_ae_title(value: str, field: str) -> str:
+    """Return the AE title stripped, or raise naming the field."""
+    stripped = value.strip()
+    if not AE_TITLE_PATTERN.match(stripped):
+        raise ValueError(f"{field} must be 1-16 printable characters without '\\', got {value!r}")
+    return stripped
+
+
+class Peer(BaseModel):
+    """A PACS the node talks to: DIMSE address and, optionally, its DICOMweb root."""
+
+    name: str
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    dicomweb_url: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return check_ae_title(value, "peer ae_title")
+
+
+class Settings(BaseSettings):
+    """Everything the node can be told; built once per entry point and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AINODE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    ae_title: str = "AINODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    accept_any_calling_ae: bool = False
+    peers: list[Peer] = Field(default_factory=list)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+    store_url: str | None = None
+    study_stable_seconds: float = Field(30.0, gt=0)
+    study_description_patterns: list[str] = Field(default_factory=lambda: ["Tórax Simple"])
+    min_free_disk_mb: int = Field(1024, ge=0)
+    max_pdu_size: int = Field(0, ge=0)
+    network_timeout: float = Field(60.0, gt=0)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _allowed(cls, values: list[str]) -> list[str]:
+        return [check_ae_title(v, "allowed_calling_aes") for v in values]
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and urlparse(value).scheme not in ("file", ""):
+            raise ValueError(f"store_url must be a file:// URL or a path, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> Settings:
+        names = [p.name for p in self.peers]
+        if len(names) != len(set(names)):
+            raise ValueError(f"peers must have unique names, got {names}")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL: the configured one, or SQLite in the data folder."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'ainode.db'}"
+
+    @property
+    def store_path(self) -> Path:
+        """The folder of the instance store (``store_url`` is a ``file://`` URL or a path)."""
+        if self.store_url is None:
+            return self.data_dir / "store"
+        parsed = urlparse(self.store_url)
+        return Path(parsed.path if parsed.scheme == "file" else self.store_url)
+
+    @property
+    def calling_ae_allow_list(self) -> set[str] | None:
+        """Calling AEs allowed to associate; ``None`` means any (only when asked for)."""
+        if self.accept_any_calling_ae:
+            return None
+        return set(self.allowed_calling_aes) | {p.ae_title for p in self.peers}
+
+    def peer(self, name: str | None) -> Peer:
+        """The peer called ``name`` (or the only one when ``name`` is None)."""
+        if name is None:
+            if len(self.peers) != 1:
+                raise ValueError(
+                    f"name a peer with --peer; configured: {[p.name for p in self.peers]}"
+                )
+            return self.peers[0]
+        for candidate in self.peers:
+            if candidate.name == name or candidate.ae_title == name:
+                return candidate
+        raise ValueError(f"unknown peer {name!r}; configured: {[p.name for p in self.peers]}")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: explicit overrides, then ``AINODE_*``, then the TOML file.
+
+    The TOML file is ``config_file`` or, when that is None, ``$AINODE_CONFIG``.
+    """
+    if config_file is None and os.environ.get("AINODE_CONFIG"):
+        config_file = Path(os.environ["AINODE_CONFIG"])
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+    with_file = type("FileSettings", (Settings,), {"model_config": config})
+    return with_file(**overrides)

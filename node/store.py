@@ -1,0 +1,122 @@
+"""The instance store: DICOM files keyed by SOP Instance UID, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class StoreError(OSError):
+    """The store cannot take a file (disk full, not writable); nothing was kept."""
+
+    def __init__(self, errno: int | None, strerror: str, key: str) -> None:
+        super().__init__(errno, strerror)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"cannot write {self.key} in the store: {self.strerror}"
+
+
+def check_uid(value: str, name: str = "UID") -> str:
+    """Return ``value`` if it is a valid DICOM UID (so it is safe as a file name), else raise."""
+    if not isinstance(value, str) or len(value) > 64 or not UID_PATTERN.match(value):
+        raise ValueError(f"{name} is not a valid DICOM UID: {value!r}")
+    return value
+
+
+class InstanceStore:
+    """Files under ``root/ab/cd/<SOPInstanceUID>.dcm``, where ``abcd`` starts the UID's SHA-1.
+
+    The hash spreads a study over many folders so none grows huge; the UID itself
+    stays in the name so an administrator can find a file by hand.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def key_for(self, sop_instance_uid: str) -> str:
+        """The store key (relative path) of an instance."""
+        check_uid(sop_instance_uid, "SOPInstanceUID")
+        digest = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()
+        return f"{digest[:2]}/{digest[2:4]}/{sop_instance_uid}.dcm"
+
+    def path(self, key: str) -> Path:
+        """The absolute path of a store key."""
+        if ".." in Path(key).parts or Path(key).is_absolute():
+            raise ValueError(f"not a store key: {key!r}")
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        """Whether a file is stored under ``key``."""
+        return self.path(key).is_file()
+
+    def read(self, key: str) -> bytes:
+        """The stored bytes under ``key``."""
+        return self.path(key).read_bytes()
+
+    def write(self, key: str, parts: list[bytes]) -> int:
+        """Write ``parts`` under ``key`` durably (temp file, fsync, rename, fsync folder).
+
+        Returns the number of bytes written. Raises :class:`StoreError` when the
+        file cannot be written; no partial file is left behind.
+        """
+        target = self.path(key)
+        temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            self._make_folder(target.parent)
+            size = 0
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            _fsync_folder(target.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
+        return size
+
+    def remove(self, key: str) -> None:
+        """Remove the file under ``key`` if present."""
+        self.path(key).unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        """Free bytes on the file system that holds the store."""
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    def _make_folder(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        missing = []
+        probe = folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        # A new folder's entry lives in its parent: sync the parents so it survives a crash.
+        for created in reversed(missing):
+            _fsync_folder(created.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,30 @@
+"""Write node settings as the TOML file an administrator would, for CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from node.settings import Settings
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML string
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    """Dump ``settings`` to a TOML file at ``path``."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    peers = data.pop("peers")
+    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items()]
+    for peer in peers:
+        lines.append("\n[[peers]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in peer.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

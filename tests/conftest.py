@@ -1,0 +1,111 @@
+"""Fixtures: node settings on free ports, a running node SCP, Orthanc, PostgreSQL, phantoms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node import phantom
+from node.scp import start_scp
+from node.service import Node, build_node
+from node.settings import Peer, Settings
+from tests.peers import OrthancServer, PostgresServer, free_port, start_orthanc, start_postgres
+
+TEST_CALLING_AES = ["STORESCU", "TESTSCU", "ECHOSCU", "ORTHANC"]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the whole session."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    """Each database test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ainode.db'}"
+        return
+    server = request.getfixturevalue("postgres")
+    name = f"ainode_{request.node.name}".lower()
+    name = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
+    yield server.create_database(name)
+    server.drop_database(name)
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """Build node settings on a free loopback port in a fresh data folder."""
+
+    def build(**overrides) -> Settings:
+        values = {
+            "data_dir": tmp_path / "data",
+            "dicom_host": "127.0.0.1",
+            "dicom_port": free_port(),
+            "allowed_calling_aes": TEST_CALLING_AES,
+            "min_free_disk_mb": 0,
+            "study_stable_seconds": 2,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings) -> Settings:
+    """Default node settings for a test."""
+    return make_settings()
+
+
+@pytest.fixture
+def node(settings) -> Iterator[Node]:
+    """A migrated node (database and store), not listening."""
+    built = build_node(settings, migrate=True)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def scp(node) -> Iterator[Node]:
+    """The node with its storage SCP listening on ``node.settings.dicom_port``."""
+    server = start_scp(node.settings, node.ingestor, block=False)
+    yield node
+    server.shutdown()
+
+
+@pytest.fixture
+def orthanc(tmp_path) -> Iterator[OrthancServer]:
+    """A fresh Orthanc PACS (with DICOMweb) for one test."""
+    server = start_orthanc(tmp_path / "orthanc", aet="ORTHANC")
+    yield server
+    server.stop(kill=True)
+
+
+def orthanc_peer(server: OrthancServer) -> Peer:
+    """The node's peer entry for an Orthanc server."""
+    return Peer(
+        name="pacs",
+        ae_title=server.aet,
+        host="127.0.0.1",
+        port=server.dicom_port,
+        dicomweb_url=server.dicomweb_url,
+    )
+
+
+@pytest.fixture(scope="session")
+def chest_series(tmp_path_factory) -> tuple[phantom.PhantomSpec, list[Path]]:
+    """A 60-slice COVID phantom study, written once per session."""
+    spec = phantom.PhantomSpec(finding="covid", slices=60, seed=7)
+    folder = tmp_path_factory.mktemp("chest60")
+    return spec, phantom.write_series(spec, folder)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pynetdicom():
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

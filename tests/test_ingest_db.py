@@ -1,0 +1,196 @@
+"""Ingest, schema and lifecycle on SQLite and PostgreSQL, with a controlled clock."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import inspect, select
+
+from node import lifecycle, schema
+from node.db import Instance, Series, Study, StudyStatus, make_engine, make_session_factory
+from node.ingest import Ingestor, Outcome
+from node.part10 import DatasetError, split_part10
+from node.store import InstanceStore
+
+T0 = datetime(2026, 1, 10, 10, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def ingestor(database_url, tmp_path, clock):
+    engine = make_engine(database_url)
+    schema.upgrade(engine)
+    yield Ingestor(InstanceStore(tmp_path / "store"), make_session_factory(engine), clock)
+    engine.dispose()
+
+
+def body_of(path):
+    meta, body = split_part10(path.read_bytes())
+    return body, str(meta.TransferSyntaxUID)
+
+
+def ingest(ingestor, path, ae="TESTSCU"):
+    body, syntax = body_of(path)
+    return ingestor.ingest_dataset(body, syntax, ae)
+
+
+def study_row(ingestor) -> Study:
+    with ingestor.session_factory() as session:
+        return session.scalars(select(Study)).one()
+
+
+def test_migration_creates_the_schema_at_head(database_url):
+    engine = make_engine(database_url)
+    assert schema.current_revision(engine) is None
+    with pytest.raises(RuntimeError, match="run `ainode db upgrade`"):
+        schema.require_current(engine)
+    schema.upgrade(engine)
+    assert schema.current_revision(engine) == schema.head_revision()
+    assert {"study", "series", "instance"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_ingest_records_study_series_instance_with_counts(ingestor, chest_series):
+    _spec, files = chest_series
+    results = [ingest(ingestor, p) for p in files[:5]]
+    assert {r.outcome for r in results} == {Outcome.STORED}
+    study = study_row(ingestor)
+    assert (study.instance_count, study.series_count, study.modalities) == (5, 1, "CT")
+    assert study.status == StudyStatus.RECEIVING
+    assert study.patient_name == "PHANTOM^CHEST"
+    assert study.first_received_at == T0 and study.last_received_at == T0
+
+
+def test_duplicate_is_one_row_and_keeps_the_first_file(ingestor, chest_series):
+    _spec, files = chest_series
+    first = ingest(ingestor, files[0])
+    again = ingest(ingestor, files[0])
+    assert (first.outcome, again.outcome) == (Outcome.STORED, Outcome.DUPLICATE)
+    with ingestor.session_factory() as session:
+        assert len(session.scalars(select(Instance)).all()) == 1
+    assert study_row(ingestor).instance_count == 1
+
+
+def test_concurrent_senders_of_one_study_make_one_study_row(ingestor, chest_series):
+    """Two associations delivering the same study at once (and one instance twice)."""
+    _spec, files = chest_series
+    halves = [files[0:10] + files[:1], files[10:20] + files[:1]]
+    errors = []
+
+    def send(paths):
+        try:
+            for p in paths:
+                ingest(ingestor, p)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(h,)) for h in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with ingestor.session_factory() as session:
+        assert len(session.scalars(select(Study)).all()) == 1
+        assert len(session.scalars(select(Series)).all()) == 1
+        assert len(session.scalars(select(Instance)).all()) == 20
+    assert study_row(ingestor).instance_count == 20
+
+
+def test_bad_dataset_records_nothing(ingestor, chest_series):
+    body, syntax = body_of(chest_series[1][0])
+    with pytest.raises(DatasetError, match="truncated"):
+        ingestor.ingest_dataset(body[:-1000], syntax, "TESTSCU")
+    with ingestor.session_factory() as session:
+        assert session.scalars(select(Study)).all() == []
+    assert [p for p in ingestor.store.root.rglob("*") if p.is_file()] == []
+
+
+def test_study_becomes_stable_after_quiet_period(ingestor, chest_series, clock):
+    _spec, files = chest_series
+    ingest(ingestor, files[0])
+    clock.advance(20)
+    ingest(ingestor, files[1])
+    with ingestor.session_factory() as session:
+        clock.advance(29)
+        assert lifecycle.mark_stable(session, 30, now=clock()) == []
+        clock.advance(1)
+        assert lifecycle.mark_stable(session, 30, now=clock()) == [
+            study_row(ingestor).study_instance_uid
+        ]
+    study = study_row(ingestor)
+    assert study.status == StudyStatus.STABLE and study.status_changed_at == clock()
+
+
+def test_new_instance_makes_a_stable_study_receive_again(ingestor, chest_series, clock):
+    _spec, files = chest_series
+    ingest(ingestor, files[0])
+    clock.advance(60)
+    with ingestor.session_factory() as session:
+        lifecycle.mark_stable(session, 30, now=clock())
+    ingest(ingestor, files[1])
+    assert study_row(ingestor).status == StudyStatus.RECEIVING
+
+
+def test_stability_is_computed_from_committed_times_after_a_restart(
+    database_url, tmp_path, chest_series, clock
+):
+    """A new process (new engine, new ingestor) sees the same quiet period."""
+    _spec, files = chest_series
+    engine = make_engine(database_url)
+    schema.upgrade(engine)
+    first = Ingestor(InstanceStore(tmp_path / "store"), make_session_factory(engine), clock)
+    ingest(first, files[0])
+    engine.dispose()  # the node stops
+
+    clock.advance(45)
+    engine = make_engine(database_url)  # and starts again
+    with make_session_factory(engine)() as session:
+        marked = lifecycle.mark_stable(session, 30, now=clock())
+    assert marked == [dcmread(files[0], stop_before_pixels=True).StudyInstanceUID]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("start", "to"),
+    [
+        (StudyStatus.RECEIVING, StudyStatus.ANALYZED),
+        (StudyStatus.RECEIVING, StudyStatus.REPORTED),
+        (StudyStatus.REPORTED, StudyStatus.RECEIVING),
+    ],
+)
+def test_lifecycle_refuses_skipping_steps(start, to):
+    study = Study(study_instance_uid="1.2.3", status=start, retries=0)
+    with pytest.raises(lifecycle.TransitionError, match=f"{start} -> {to} not allowed"):
+        lifecycle.move(study, to)
+
+
+def test_failed_move_counts_a_retry_and_keeps_the_reason():
+    study = Study(study_instance_uid="1.2.3", status=StudyStatus.STABLE, retries=0)
+    lifecycle.move(study, StudyStatus.FAILED, reason="worker lost", now=T0)
+    assert (study.status, study.status_reason, study.retries) == ("failed", "worker lost", 1)
+
+
+def test_part10_split_rejects_non_dicom():
+    with pytest.raises(DatasetError, match="no DICM prefix"):
+        split_part10(b"\0" * 200)

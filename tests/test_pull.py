@@ -1,0 +1,186 @@
+"""Pulling "Tórax Simple" studies from a real Orthanc: C-FIND + C-GET, C-MOVE, QIDO/WADO."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from node import phantom
+from node.cli import main
+from node.db import Instance, Study
+from node.part10 import split_part10
+from node.pull import description_matches, fold
+from tests.config import write_config
+from tests.conftest import orthanc_peer
+
+DATES = "--from", "20260101", "--to", "20260131"
+# (description, charset, date): four spellings of the chest protocol and one other study.
+CATALOGUE = [
+    ("TORAX SIMPLE", "ISO_IR 100", "20260110"),
+    ("Tórax Simple", "ISO_IR 100", "20260111"),
+    ("Tórax Simple", "ISO_IR 192", "20260112"),
+    ("tórax simple", "ISO_IR 192", "20260113"),
+    ("ABDOMEN", "ISO_IR 192", "20260114"),
+    ("Tórax Simple", "ISO_IR 192", "20251231"),  # outside the date range
+]
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("TORAX SIMPLE", True),
+        ("Tórax Simple", True),
+        ("tórax  simple", True),
+        ("TÓRAX SIMPLE", True),
+        ("Torax Simple con contraste", False),
+        ("ABDOMEN", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_description_matching_folds_case_and_accents(description, expected):
+    assert description_matches(description, ["Tórax Simple"]) is expected
+
+
+def test_patterns_take_wildcards():
+    assert description_matches("TORAX SIMPLE (ADULTO)", ["tórax simple*"])
+    assert fold("  Tórax\tSIMPLE ") == "torax simple"
+
+
+@pytest.fixture
+def pacs(orthanc, tmp_path):
+    """Orthanc holding the catalogue; returns (orthanc, {description+date: study uid})."""
+    uids = {}
+    for index, (description, charset, date) in enumerate(CATALOGUE):
+        spec = phantom.PhantomSpec(
+            finding="normal",
+            slices=3,
+            seed=100 + index,
+            patient_id=f"PULL{index}",
+            study_description=description,
+            charset=charset,
+            study_date=date,
+        )
+        files = phantom.write_series(spec, tmp_path / f"study{index}")
+        orthanc.upload_dir(files[0].parent)
+        uids[(description, charset, date)] = dcmread(files[0]).StudyInstanceUID
+    return orthanc, uids
+
+
+@pytest.fixture
+def pull_config(make_settings, pacs, tmp_path):
+    """A config file for a node whose AE Orthanc knows, with Orthanc as its peer."""
+    orthanc, _uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)])
+    orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
+    return settings, write_config(settings, tmp_path / "ainode.toml")
+
+
+def stored_studies(settings) -> dict[str, int]:
+    from node.service import build_node
+
+    node = build_node(settings)
+    try:
+        with node.session_factory() as session:
+            return {s.study_description: s.instance_count for s in session.scalars(select(Study))}
+    finally:
+        node.close()
+
+
+CHEST = {
+    ("TORAX SIMPLE", "ISO_IR 100", "20260110"),
+    ("Tórax Simple", "ISO_IR 100", "20260111"),
+    ("Tórax Simple", "ISO_IR 192", "20260112"),
+    ("tórax simple", "ISO_IR 192", "20260113"),
+}
+
+
+def stored_uids(settings) -> set[str]:
+    from node.service import build_node
+
+    node = build_node(settings)
+    try:
+        with node.session_factory() as session:
+            return set(session.scalars(select(Study.study_instance_uid)))
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize(
+    "method_args",
+    [["--method", "get"], ["--method", "move"], ["--source", "dicomweb"]],
+    ids=["c-get", "c-move", "dicomweb"],
+)
+def test_pull_fetches_exactly_the_chest_studies(pacs, pull_config, capsys, method_args):
+    _orthanc, uids = pacs
+    settings, config = pull_config
+    code = main(["--config", str(config), "pull", *DATES, "--no-progress", *method_args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert stored_uids(settings) == {uids[key] for key in CHEST}
+    assert "5 CT studies found, 4 matched, 12 instances fetched, 0 already stored" in out
+
+    # A second pull finds everything already there and fetches nothing.
+    code = main(["--config", str(config), "pull", *DATES, "--no-progress", *method_args])
+    assert code == 0
+    assert "4 matched, 0 instances fetched, 12 already stored" in capsys.readouterr().out
+
+
+def test_dicomweb_pull_keeps_the_pacs_files_byte_for_byte(pacs, pull_config, capsys):
+    orthanc, _uids = pacs
+    settings, config = pull_config
+    assert (
+        main(["--config", str(config), "pull", *DATES, "--source", "dicomweb", "--no-progress"])
+        == 0
+    )
+    from node.service import build_node
+
+    node = build_node(settings)
+    with node.session_factory() as session:
+        rows = session.scalars(select(Instance)).all()
+    assert len(rows) == 12
+    for row in rows:
+        orthanc_id = orthanc.post("/tools/lookup", raw=row.sop_instance_uid.encode())[0]["ID"]
+        assert node.store.read(row.store_key) == orthanc.get(f"/instances/{orthanc_id}/file")
+    node.close()
+
+
+def test_cget_keeps_the_dataset_bytes(pacs, pull_config):
+    orthanc, _uids = pacs
+    settings, config = pull_config
+    assert main(["--config", str(config), "pull", *DATES, "--no-progress"]) == 0
+    from node.service import build_node
+
+    node = build_node(settings)
+    with node.session_factory() as session:
+        rows = session.scalars(select(Instance)).all()
+    for row in rows:
+        assert row.source_ae == "ORTHANC"
+        orthanc_id = orthanc.post("/tools/lookup", raw=row.sop_instance_uid.encode())[0]["ID"]
+        original = split_part10(orthanc.get(f"/instances/{orthanc_id}/file"))[1]
+        assert split_part10(node.store.read(row.store_key))[1] == original
+    node.close()
+
+
+def test_pull_names_the_failure_when_the_pacs_does_not_know_the_node(
+    make_settings, pacs, tmp_path, capsys
+):
+    orthanc, _uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)], ae_title="STRANGER")
+    config = write_config(settings, tmp_path / "stranger.toml")
+    code = main(["--config", str(config), "pull", *DATES, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ORTHANC aborted the C-FIND" in err
+    assert "registered in the PACS's modalities" in err
+
+
+def test_pull_reports_an_unreachable_pacs(make_settings, tmp_path, capsys):
+    from node.settings import Peer
+    from tests.peers import free_port
+
+    settings = make_settings(peers=[Peer(name="gone", ae_title="GONE", port=free_port())])
+    config = write_config(settings, tmp_path / "gone.toml")
+    assert main(["--config", str(config), "pull", "--all-dates", "--no-progress"]) == 2
+    assert "association to GONE@127.0.0.1" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Radiologist web UI (Flask), built in its own issue."""
