@@ -69,6 +69,7 @@ def node_settings(workdir: Path, port: int, **extra) -> Settings:
 
 
 def push_to_node(files: list[Path], workdir: Path) -> float:
+    workdir.mkdir(parents=True)
     port = free_port()
     config = write_config(node_settings(workdir, port), workdir.with_suffix(".toml"))
     log = open(workdir.with_suffix(".log"), "ab")  # noqa: SIM115 - closed below

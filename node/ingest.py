@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import sessionmaker
 
 from node.db import Instance, Series, Study, StudyStatus, utcnow
 from node.part10 import InstanceHeader, file_meta_bytes, read_header, split_part10
@@ -56,7 +58,10 @@ class Ingestor:
     ) -> None:
         self.store = store
         self.session_factory = session_factory
+        self.engine = session_factory.kw["bind"]
         self.clock = clock
+        self.sql = _Statements(self.engine.dialect.name)
+        self._parents = _ParentCache()
 
     def ingest_dataset(
         self, dataset_bytes: bytes, transfer_syntax_uid: str, source_ae: str | None
@@ -77,21 +82,31 @@ class Ingestor:
 
     def is_stored(self, sop_instance_uid: str) -> bool:
         """Whether an instance with this SOP Instance UID has a committed row."""
-        with self.session_factory() as session:
-            return _instance_exists(session, sop_instance_uid)
+        with self.engine.connect() as connection:
+            found = connection.execute(self.sql.instance_exists, {"uid": sop_instance_uid})
+            return found.first() is not None
 
     def _ingest(self, header: InstanceHeader, parts: list[bytes], source_ae: str | None):
         key = self.store.key_for(header.sop_instance_uid)
-        with self.session_factory() as session:
-            if _instance_exists(session, header.sop_instance_uid):
-                log.info("instance %s already stored: kept the first copy", header.sop_instance_uid)
-                return IngestResult(Outcome.DUPLICATE, header, key)
+        if self.is_stored(header.sop_instance_uid):
+            log.info("instance %s already stored: kept the first copy", header.sop_instance_uid)
+            return IngestResult(Outcome.DUPLICATE, header, key)
         existed = self.store.exists(key)
         size = self.store.write(key, parts)
+        row = {
+            "sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "instance_number": header.instance_number,
+            "store_key": key,
+            "size_bytes": size,
+            "source_ae": source_ae,
+            "received_at": self.clock(),
+        }
         try:
-            with self.session_factory() as session, session.begin():
-                inserted = _record(session, header, key, size, source_ae, self.clock())
-        except SQLAlchemyError as exc:
+            inserted = self._record(header, row)
+        except DBAPIError as exc:  # the database refused or is gone; not a coding error
+            self._parents.clear()  # a rolled-back transaction may have created them
             if not existed:
                 self.store.remove(key)
             raise DatabaseUnavailable(f"database refused instance rows: {exc}") from exc
@@ -99,117 +114,159 @@ class Ingestor:
             return IngestResult(Outcome.DUPLICATE, header, key)
         return IngestResult(Outcome.STORED, header, key)
 
+    def _record(self, header: InstanceHeader, row: dict) -> bool:
+        """Insert the instance row (and its study/series on first sight), bump the counts.
 
-def _instance_exists(session: Session, sop_instance_uid: str) -> bool:
-    found = session.execute(
-        select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
-    return found is not None
-
-
-def _insert(session: Session, table):
-    """An INSERT that does nothing on a unique conflict, in the session's dialect."""
-    dialect = session.get_bind().dialect.name
-    module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(table)
-
-
-def _record(
-    session: Session,
-    header: InstanceHeader,
-    key: str,
-    size: int,
-    source_ae: str | None,
-    now: datetime,
-) -> bool:
-    """Insert study/series/instance rows and bump counts; False when the instance existed.
-
-    ``INSERT … ON CONFLICT DO NOTHING RETURNING id`` tells whether this transaction
-    created the row (``rowcount`` is not reliable for that across drivers).
-    """
-    session.execute(
-        _insert(session, Study)
-        .values(
-            study_instance_uid=header.study_instance_uid,
-            patient_id=header.patient_id,
-            patient_name=header.patient_name,
-            study_date=header.study_date,
-            study_time=header.study_time,
-            accession_number=header.accession_number,
-            study_description=header.study_description,
-            modalities="",
-            status=StudyStatus.RECEIVING,
-            retries=0,
-            series_count=0,
-            instance_count=0,
-            first_received_at=now,
-            last_received_at=now,
-            status_changed_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["study_instance_uid"])
-    )
-    study_id = session.scalar(
-        select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
-    )
-    new_series = session.execute(
-        _insert(session, Series)
-        .values(
-            study_id=study_id,
-            series_instance_uid=header.series_instance_uid,
-            modality=header.modality,
-            series_number=header.series_number,
-            series_description=header.series_description,
-            instance_count=0,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-        .returning(Series.id)
-    ).scalar_one_or_none()
-    series_id = new_series or session.scalar(
-        select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
-    )
-    inserted = session.execute(
-        _insert(session, Instance)
-        .values(
-            series_id=series_id,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            instance_number=header.instance_number,
-            store_key=key,
-            size_bytes=size,
-            source_ae=source_ae,
-            received_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        .returning(Instance.id)
-    ).scalar_one_or_none()
-    if inserted is None:
-        return False
-    session.execute(
-        update(Series)
-        .where(Series.id == series_id)
-        .values(instance_count=Series.instance_count + 1, last_received_at=now)
-    )
-    values = {
-        "instance_count": Study.instance_count + 1,
-        "last_received_at": now,
-        # A study that was already judged complete is receiving again.
-        "status": case(
-            (Study.status == StudyStatus.STABLE, StudyStatus.RECEIVING), else_=Study.status
-        ),
-    }
-    if new_series:
-        modalities = session.scalars(
-            select(func.distinct(Series.modality)).where(
-                Series.study_id == study_id, Series.modality.is_not(None)
+        Returns False when the instance already had a row (a concurrent sender won).
+        """
+        now = row["received_at"]
+        with self.engine.begin() as connection:
+            parents = self._parents.get(header.series_instance_uid)
+            new_series = False
+            if parents is None:
+                parents, new_series = _ensure_parents(connection, self.sql, header, now)
+            study_id, series_id = parents
+            inserted = connection.execute(
+                self.sql.insert_instance, {**row, "series_id": series_id}
+            ).scalar_one_or_none()
+            if inserted is None:
+                return False
+            connection.execute(self.sql.bump_series, {"row_id": series_id, "at": now})
+            connection.execute(
+                self.sql.bump_study, {"row_id": study_id, "at": now, "new_series": int(new_series)}
             )
-        ).all()
-        values["series_count"] = Study.series_count + 1
-        values["modalities"] = "\\".join(sorted(modalities))
-    session.execute(update(Study).where(Study.id == study_id).values(**values))
-    return True
+            if new_series:
+                connection.execute(self.sql.set_modalities, {"row_id": study_id})
+        self._parents.put(header.series_instance_uid, parents)
+        return True
+
+
+class _ParentCache:
+    """SeriesInstanceUID -> (study id, series id) for series seen recently, bounded."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def get(self, uid: str) -> tuple[int, int] | None:
+        with self.lock:
+            found = self.items.get(uid)
+            if found is not None:
+                self.items.move_to_end(uid)
+            return found
+
+    def put(self, uid: str, ids: tuple[int, int]) -> None:
+        with self.lock:
+            self.items[uid] = ids
+            self.items.move_to_end(uid)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+class _Statements:
+    """The ingest statements, built once per dialect (building them per call costs more
+    than running them)."""
+
+    def __init__(self, dialect: str) -> None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.instance_exists = select(Instance.id).where(
+            Instance.sop_instance_uid == bindparam("uid")
+        )
+        self.insert_study = insert(Study).on_conflict_do_nothing(
+            index_elements=["study_instance_uid"]
+        )
+        self.study_id = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+        self.insert_series = (
+            insert(Series)
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            .returning(Series.id)
+        )
+        self.series_id = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
+        self.insert_instance = (
+            insert(Instance)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(Instance.id)
+        )
+        self.bump_series = (
+            update(Series)
+            .where(Series.id == bindparam("row_id"))
+            .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("at"))
+        )
+        self.bump_study = (
+            update(Study)
+            .where(Study.id == bindparam("row_id"))
+            .values(
+                instance_count=Study.instance_count + 1,
+                series_count=Study.series_count + bindparam("new_series"),
+                last_received_at=bindparam("at"),
+                # A study that was already judged complete is receiving again.
+                status=case(
+                    (Study.status == StudyStatus.STABLE, StudyStatus.RECEIVING),
+                    else_=Study.status,
+                ),
+            )
+        )
+        modalities = (
+            select(func.group_concat(Series.modality.distinct()))
+            if dialect == "sqlite"
+            else select(func.string_agg(Series.modality.distinct(), literal("\\")))
+        )
+        self.set_modalities = (
+            update(Study)
+            .where(Study.id == bindparam("row_id"))
+            .values(
+                modalities=func.coalesce(
+                    modalities.where(Series.study_id == bindparam("row_id")).scalar_subquery(), ""
+                )
+            )
+        )
+
+
+def _ensure_parents(connection, sql: _Statements, header: InstanceHeader, now):
+    """Get or create the study and series rows; returns ((study id, series id), new series)."""
+    connection.execute(
+        sql.insert_study,
+        {
+            "study_instance_uid": header.study_instance_uid,
+            "patient_id": header.patient_id,
+            "patient_name": header.patient_name,
+            "study_date": header.study_date,
+            "study_time": header.study_time,
+            "accession_number": header.accession_number,
+            "study_description": header.study_description,
+            "modalities": "",
+            "status": StudyStatus.RECEIVING,
+            "retries": 0,
+            "series_count": 0,
+            "instance_count": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+            "status_changed_at": now,
+        },
+    )
+    study_id = connection.execute(sql.study_id, {"uid": header.study_instance_uid}).scalar_one()
+    series_id = connection.execute(
+        sql.insert_series,
+        {
+            "study_id": study_id,
+            "series_instance_uid": header.series_instance_uid,
+            "modality": header.modality,
+            "series_number": header.series_number,
+            "series_description": header.series_description,
+            "instance_count": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    ).scalar_one_or_none()
+    if series_id is not None:
+        return (study_id, series_id), True
+    series_id = connection.execute(sql.series_id, {"uid": header.series_instance_uid}).scalar_one()
+    return (study_id, series_id), False
 
 
 __all__ = [

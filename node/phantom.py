@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
 CLASSES = ("covid", "normal", "pneumonia")
@@ -43,7 +43,7 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "jpeg2000": str(JPEG2000Lossless),
     "rle": str(RLELossless),
 }
-CHARSETS = ("ISO_IR 100", "ISO_IR 192")
+_CHARSETS = ("ISO_IR 100", "ISO_IR 192")
 
 # pydicom encoder plugin per compressed syntax; JPEG Lossless SV1 goes through DCMTK instead.
 _ENCODING_PLUGINS = {
@@ -70,7 +70,7 @@ _MANUFACTURER = "ainode phantom"
 _AIR, _FAT, _MEDIASTINAL_FAT, _MUSCLE, _BLOOD = -1000.0, -100.0, -85.0, 45.0, 40.0
 _LIVER, _SPLEEN, _FLUID, _DISC, _CORD = 58.0, 48.0, 12.0, 85.0, 25.0
 _CORTEX, _MARROW, _RIB, _CARTILAGE = 850.0, 230.0, 550.0, 120.0
-_LUNG_ANTERIOR, _LUNG_POSTERIOR = -905.0, -845.0
+_LUNG_ANTERIOR, _LUNG_POSTERIOR = -940.0, -880.0
 _BODY_CY, _BODY_A, _BODY_B = -5.0, 160.0, 110.0
 _CAV_CY, _CAV_A, _CAV_B = -8.0, 134.0, 83.0
 _VERTEBRA = (0.0, 40.0, 19.0, 16.0)
@@ -108,12 +108,12 @@ class PhantomSpec:
     def __post_init__(self) -> None:
         if self.finding not in CLASSES:
             raise ValueError(f"finding must be one of {', '.join(CLASSES)}, got {self.finding!r}")
-        _check_int("slices", self.slices, 1, 1000)
+        _check_int("slices", self.slices, 1, 600)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("rows", self.rows, 64, 1024)
         _check_int("columns", self.columns, 64, 1024)
-        if self.charset not in CHARSETS:
-            raise ValueError(f"charset must be one of {', '.join(CHARSETS)}, got {self.charset!r}")
+        if self.charset not in _CHARSETS:
+            raise ValueError(f"charset must be one of {', '.join(_CHARSETS)}, got {self.charset!r}")
         for name, limit in _TEXT_LIMITS.items():
             _check_text(name, getattr(self, name), limit, self.charset)
         if self.patient_sex not in ("M", "F", "O", ""):
@@ -166,7 +166,7 @@ def _check_date(name: str, value: object, *, allow_empty: bool) -> None:
     if allow_empty and value == "":
         return
     try:
-        if not (isinstance(value, str) and re.fullmatch(r"\d{8}", value)):
+        if not (isinstance(value, str) and re.fullmatch(r"[0-9]{8}", value)):
             raise ValueError
         datetime.datetime.strptime(value, "%Y%m%d")
     except ValueError:
@@ -175,17 +175,21 @@ def _check_date(name: str, value: object, *, allow_empty: bool) -> None:
 
 def _check_time(name: str, value: object) -> None:
     try:
-        if not (isinstance(value, str) and re.fullmatch(r"\d{6}", value)):
+        if not (isinstance(value, str) and re.fullmatch(r"[0-9]{6}", value)):
             raise ValueError
         datetime.datetime.strptime(value, "%H%M%S")
     except ValueError:
         raise ValueError(f"{name} must be a time HHMMSS, got {value!r}") from None
 
 
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+
 def _check_uid(name: str, value: object) -> None:
     if value is None:
         return
-    if not (isinstance(value, str) and UID(value).is_valid):
+    # Checked here rather than with pydicom's UID, which warns as it validates.
+    if not (isinstance(value, str) and len(value) <= 64 and _UID_PATTERN.fullmatch(value)):
         raise ValueError(f"{name} must be a valid DICOM UID (at most 64 characters), got {value!r}")
 
 
@@ -477,12 +481,15 @@ def _centroid_tree(rng, cloud: np.ndarray, root, root_radius: float):
 
 @dataclass(frozen=True)
 class _LungTrees:
+    """Pulmonary arteries and veins, and the bronchi that accompany the arteries."""
+
     vessels: _Tubes
     airways: _Tubes  # visible bronchi (radius > 1.5 mm)
     small_airways: _Tubes  # down to 0.45 mm: only seen as air bronchograms
 
 
 def _segments(starts, ends, radii) -> tuple:
+    """(starts, unit directions, lengths, radii) of the non-degenerate segments."""
     lengths = np.linalg.norm(ends - starts, axis=1)
     keep = lengths > 1e-6
     dirs = (ends[keep] - starts[keep]) / lengths[keep, None]
@@ -490,11 +497,12 @@ def _segments(starts, ends, radii) -> tuple:
 
 
 def _lung_trees(rng: np.random.Generator, step: tuple[float, float]) -> _LungTrees:
+    """Arteries from each hilum, veins towards the left atrium, bronchi beside arteries."""
     vessels, airways = [], []
     for side, hilum in _HILA.items():
-        arteries = _segments(*_centroid_tree(rng, _lung_cloud(rng, side, 2400), hilum, 7.0))
+        arteries = _segments(*_centroid_tree(rng, _lung_cloud(rng, side, 2400), hilum, 6.5))
         atrium = np.asarray(hilum) + [-_SIDE_SIGN[side] * 10.0, 15.0, 30.0]
-        veins = _segments(*_centroid_tree(rng, _lung_cloud(rng, side, 2400), atrium, 7.0))
+        veins = _segments(*_centroid_tree(rng, _lung_cloud(rng, side, 2400), atrium, 6.5))
         vessels += [_sample_segments(*arteries, step), _sample_segments(*veins, step)]
         airways.append(_bronchi_beside(*arteries, step))
     trees = [_concat_tubes(parts) for parts in (vessels, airways)]
@@ -531,25 +539,26 @@ def _mediastinal_tubes(step: tuple[float, float]) -> tuple[_Tubes, _Tubes, _Tube
     """Great vessels, central airways and oesophagus as (blood, air, soft tissue) tubes."""
     blood = _polylines(
         [
+            # radius, (x, y, d) vertices
             (15.0, [(-5, -32, 175), (-5, -30, 78), (0, -24, 64), (12, 2, 57), (26, 24, 64)]),
-            (12.0, [(26, 24, 64), (32, 30, 82), (30, 32, 200), (14, 18, 300)]),
-            (13.0, [(15, -38, 150), (18, -26, 118)]),
-            (10.0, [(18, -26, 118), (44, -4, 126)]),
-            (10.0, [(18, -26, 118), (-5, -16, 121), (-42, 0, 122)]),
-            (9.0, [(-26, -26, 10), (-24, -24, 140)]),
-            (7.0, [(46, -32, 12), (10, -30, 30), (-22, -26, 45)]),
-            (6.5, [(-8, -26, 62), (-16, -22, 0)]),
-            (4.5, [(4, -20, 60), (8, -16, 0)]),
-            (5.5, [(18, 2, 60), (26, 6, 0)]),
-            (12.0, [(-22, 10, 232), (-22, 14, 300)]),
+            (12.0, [(26, 24, 64), (32, 30, 82), (30, 32, 200), (14, 18, 300)]),  # descending
+            (13.0, [(15, -38, 150), (18, -26, 118)]),  # pulmonary trunk
+            (10.0, [(18, -26, 118), (44, -4, 126)]),  # left pulmonary artery
+            (10.0, [(18, -26, 118), (-5, -16, 121), (-42, 0, 122)]),  # right pulmonary artery
+            (9.0, [(-26, -26, 10), (-24, -24, 140)]),  # superior vena cava
+            (7.0, [(46, -32, 12), (10, -30, 30), (-22, -26, 45)]),  # left brachiocephalic vein
+            (6.5, [(-8, -26, 62), (-16, -22, 0)]),  # brachiocephalic trunk
+            (4.5, [(4, -20, 60), (8, -16, 0)]),  # left common carotid
+            (5.5, [(18, 2, 60), (26, 6, 0)]),  # left subclavian
+            (12.0, [(-22, 10, 232), (-22, 14, 300)]),  # inferior vena cava
         ],
         step,
     )
     air = _polylines(
         [
-            (9.0, [(0, -6, 0), (0, 0, 96)]),
-            (7.0, [(0, 0, 96), (-40, 3, 121)]),
-            (6.0, [(0, 0, 96), (42, -2, 127)]),
+            (9.0, [(0, -6, 0), (0, 0, 96)]),  # trachea down to the carina
+            (7.0, [(0, 0, 96), (-40, 3, 121)]),  # right main bronchus: short and steep
+            (6.0, [(0, 0, 96), (42, -2, 127)]),  # left main bronchus
         ],
         step,
     )
@@ -562,6 +571,7 @@ def _mediastinal_tubes(step: tuple[float, float]) -> tuple[_Tubes, _Tubes, _Tube
 
 @functools.lru_cache(maxsize=64)
 def _disk(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column offsets of a pixel disk, with each pixel's distance from the centre."""
     r = np.arange(-radius, radius + 1)
     dy, dx = np.meshgrid(r, r, indexing="ij")
     dist = np.hypot(dy, dx)
@@ -574,7 +584,7 @@ def _splat(geom: _Geometry, tubes: _Tubes, sel: slice, grow: float = 0.0) -> np.
 
     A tube of radius r crossing a slab of thickness T at angle theta fills about
     2 r / (T sin theta) of each voxel column it passes, so thin in-plane vessels look faint
-    on thick slices exactly as they do on a scanner.
+    on thick slices, as on a scanner. Disk edges are anti-aliased.
     """
     height, width = geom.crop_shape
     occupancy = np.zeros(height * width, dtype=np.float32)
@@ -582,7 +592,7 @@ def _splat(geom: _Geometry, tubes: _Tubes, sel: slice, grow: float = 0.0) -> np.
         return occupancy.reshape(height, width)
     r_mm = tubes.r[sel] + grow
     weight = np.minimum(1.0, 2.0 * r_mm / (geom.thickness * tubes.sin_tilt[sel] + 1e-6))
-    r_px = r_mm * np.sqrt(geom.scale_x * geom.scale_y) / geom.pixel_spacing
+    r_px = r_mm * (math.sqrt(geom.scale_x * geom.scale_y) / geom.pixel_spacing)
     weight = np.where(r_px < 0.5, weight * np.pi * r_px**2 / (r_px + 0.5), weight)
     rows, cols = geom.to_pixels(tubes.x[sel], tubes.y[sel])
     bins = np.ceil(r_px - 0.5).astype(np.int64)
@@ -859,6 +869,9 @@ class _Covid(_Finding):
             x, y = s.x[:, cols], s.y[rows]
             q = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 + dz
             weight = np.clip(2.2 * (1.0 - q) + 0.7 * self.shape_texture(x, y, s.depth), 0.0, 1.0)
+            # Keep it subpleural: fade out over the inner part of the chest cavity.
+            rho = np.abs(x / _CAV_A) ** 2.4 + np.abs((y - _CAV_CY) / _CAV_B) ** 2.4
+            weight *= np.clip((rho - 0.29) / 0.3, 0.0, 1.0)
             target = -480.0 + 120.0 * self.density_texture(x, y, s.depth)
             # Ground glass veils the parenchyma but, unlike consolidation, not the vessels,
             # which are painted afterwards.
@@ -1004,17 +1017,22 @@ def _lung_masks(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _derived_uid(*parts: object) -> str:
-    """A 2.25 UID hashed from its inputs: stable for a spec, distinct between specs."""
-    return str(generate_uid(prefix=None, entropy_srcs=["ainode-phantom", *map(str, parts)]))
+    """A 2.25 UID from a name-based (SHA-1, version 5) UUID of its inputs: stable per spec.
+
+    ``pydicom.uid.generate_uid(prefix=None, ...)`` ignores its entropy sources and returns
+    a random UUID, so it cannot be used for reproducible UIDs.
+    """
+    name = "\x1f".join(["ainode-phantom", *map(str, parts)])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def _series_uids(spec: PhantomSpec) -> tuple[str, str, str]:
     """Study, series and frame-of-reference UIDs."""
+    # Everything that changes the pixels or identifies the study goes in, so two different
+    # phantoms never share a UID.
     content = (spec.finding, spec.seed, spec.slices, spec.rows, spec.columns)
-    study = spec.study_instance_uid or _derived_uid(
-        "study", *content, spec.patient_id, spec.patient_name, spec.accession_number,
-        spec.study_date, spec.study_time,
-    )  # fmt: skip
+    identity = (spec.patient_id, spec.patient_name, spec.accession_number, spec.study_date)
+    study = spec.study_instance_uid or _derived_uid("study", *content, *identity, spec.study_time)
     series = spec.series_instance_uid or _derived_uid("series", study, *content)
     return study, series, _derived_uid("frame-of-reference", series)
 
@@ -1102,6 +1120,11 @@ def _acquisition(ds: Dataset, geom: _Geometry) -> None:
     ds.TotalCollimationWidth = 40.0
     ds.SpiralPitchFactor = 0.984375
     ds.CTDIvol = 8.5
+    phantom_type = Dataset()  # CTDIvol is only meaningful with its reference phantom
+    phantom_type.CodeValue = "113691"
+    phantom_type.CodingSchemeDesignator = "DCM"
+    phantom_type.CodeMeaning = "IEC Body Dosimetry Phantom"
+    ds.CTDIPhantomTypeCodeSequence = [phantom_type]
     ds.AcquisitionNumber = 1
     ds.ImagesInAcquisition = len(geom.depths)
 
@@ -1292,7 +1315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--charset",
         type=_charset_argument,
-        choices=CHARSETS,
+        choices=_CHARSETS,
         default="ISO_IR 192",
         help="ISO_IR 100 (latin1) or ISO_IR 192 (utf8, default)",
     )

@@ -225,22 +225,13 @@ class DimsePuller:
     def get_study(self, study_instance_uid: str, on_instance: Callable[[], None]) -> None:
         """C-GET a whole study; every instance arrives through the node's store handler."""
 
-        def contexts(ae: AE) -> list:
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-            for sop_class in IMAGE_CLASSES:
-                for syntax in IMAGE_SYNTAXES:
-                    ae.add_requested_context(sop_class, syntax)
-            for sop_class in DOCUMENT_CLASSES:
-                ae.add_requested_context(sop_class, DOCUMENT_SYNTAXES)
-            return [build_role(c, scp_role=True) for c in IMAGE_CLASSES + DOCUMENT_CLASSES]
-
         def on_store(event: evt.Event) -> int | Dataset:
             status = handle_store(event, self.ingestor, source_ae=self.peer.ae_title)
             if status == 0:
                 on_instance()
             return status
 
-        assoc = self._associate(contexts, [(evt.EVT_C_STORE, on_store)])
+        assoc = self._associate(add_cget_contexts, [(evt.EVT_C_STORE, on_store)])
         try:
             final = None
             for status, _identifier in assoc.send_c_get(
@@ -270,6 +261,21 @@ class DimsePuller:
             _check_suboperations(_check_final(final, "C-MOVE", self.peer), "C-MOVE")
         finally:
             assoc.release()
+
+
+def add_cget_contexts(ae: AE) -> list:
+    """Request C-GET plus storage contexts (SCP role) for what a chest CT study carries.
+
+    One context per (image class, syntax) so the PACS can send each file in the
+    syntax it holds it in; 128 contexts at most, as the protocol allows.
+    """
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in IMAGE_CLASSES:
+        for syntax in IMAGE_SYNTAXES:
+            ae.add_requested_context(sop_class, syntax)
+    for sop_class in DOCUMENT_CLASSES:
+        ae.add_requested_context(sop_class, DOCUMENT_SYNTAXES)
+    return [build_role(c, scp_role=True) for c in IMAGE_CLASSES + DOCUMENT_CLASSES]
 
 
 def _retrieve_identifier(study_instance_uid: str) -> Dataset:

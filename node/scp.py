@@ -8,7 +8,6 @@ import socket
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -47,13 +46,16 @@ UNCOMPRESSED = [
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 ]
-ACCEPTED_TRANSFER_SYNTAXES = (
-    LOSSLESS_COMPRESSED
-    + UNCOMPRESSED
-    + [JPEGLSNearLossless]
-    + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in LOSSLESS_COMPRESSED + UNCOMPRESSED]
-)
-ACCEPTED_TRANSFER_SYNTAXES = list(dict.fromkeys(ACCEPTED_TRANSFER_SYNTAXES))
+LOSSY = [
+    JPEGLSNearLossless,
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+]
+# Video syntaxes are left out: a chest CT study carries none, and every syntax listed
+# here is copied for each storage class on every association.
+ACCEPTED_TRANSFER_SYNTAXES = LOSSLESS_COMPRESSED + UNCOMPRESSED + LOSSY
 
 
 def failure(status: int, comment: str) -> Dataset:

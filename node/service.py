@@ -44,7 +44,7 @@ def build_node(settings: Settings, *, migrate: bool = False) -> Node:
         schema.require_current(engine)
     session_factory = make_session_factory(engine)
     store = InstanceStore(settings.store_path)
-    store.root.mkdir(parents=True, exist_ok=True)
+    store.prepare()
     return Node(settings, engine, session_factory, store, Ingestor(store, session_factory))
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -20,6 +23,8 @@ class StoreError(OSError):
         self.key = key
 
     def __str__(self) -> str:
+        if self.key == ".":
+            return self.strerror
         return f"cannot write {self.key} in the store: {self.strerror}"
 
 
@@ -30,21 +35,39 @@ def check_uid(value: str, name: str = "UID") -> str:
     return value
 
 
+FANOUT_DIGITS = 3  # 4096 folders: ten million instances is ~2,500 files a folder
+
+
 class InstanceStore:
-    """Files under ``root/ab/cd/<SOPInstanceUID>.dcm``, where ``abcd`` starts the UID's SHA-1.
+    """Files under ``root/abc/<SOPInstanceUID>.dcm``, where ``abc`` starts the UID's SHA-1.
 
     The hash spreads a study over many folders so none grows huge; the UID itself
-    stays in the name so an administrator can find a file by hand.
+    stays in the name so an administrator can find a file by hand. The folders are
+    made (and synced) once, by :meth:`prepare`, so a write syncs only its own folder.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    def prepare(self) -> None:
+        """Create the root and its fan-out folders durably (idempotent, run at start-up)."""
+        if (self.root / ("f" * FANOUT_DIGITS)).is_dir():
+            return
+        try:
+            self._make_folder(self.root)
+            for index in range(16**FANOUT_DIGITS):
+                (self.root / f"{index:0{FANOUT_DIGITS}x}").mkdir(exist_ok=True)
+            _fsync_folder(self.root)
+        except OSError as exc:
+            raise StoreError(
+                exc.errno, f"cannot prepare the store at {self.root}: {exc.strerror}", "."
+            ) from exc
+
     def key_for(self, sop_instance_uid: str) -> str:
         """The store key (relative path) of an instance."""
         check_uid(sop_instance_uid, "SOPInstanceUID")
         digest = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()
-        return f"{digest[:2]}/{digest[2:4]}/{sop_instance_uid}.dcm"
+        return f"{digest[:FANOUT_DIGITS]}/{sop_instance_uid}.dcm"
 
     def path(self, key: str) -> Path:
         """The absolute path of a store key."""
@@ -68,10 +91,12 @@ class InstanceStore:
         """
         target = self.path(key)
         temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        created = False
         try:
             self._make_folder(target.parent)
             size = 0
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            created = True
             try:
                 for part in parts:
                     view = memoryview(part)
@@ -85,7 +110,8 @@ class InstanceStore:
             os.replace(temp, target)
             _fsync_folder(target.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            if created:
+                _remove_quietly(temp)
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
         return size
 
@@ -112,6 +138,13 @@ class InstanceStore:
         # A new folder's entry lives in its parent: sync the parents so it survives a crash.
         for created in reversed(missing):
             _fsync_folder(created.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the store is failing already; the write's error is what matters
+        log.warning("could not remove temp file %s: %s", path, exc.strerror)
 
 
 def _fsync_folder(folder: Path) -> None:

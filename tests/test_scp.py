@@ -173,28 +173,33 @@ def _mount_tmpfs(folder: Path, options: str) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
 
 
+def _fill(store: Path) -> None:
+    (store / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+
+
+def _remount_read_only(store: Path) -> None:
+    # What ext4 does to itself on I/O errors (errors=remount-ro) while the node runs.
+    subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+
+
 @pytest.mark.parametrize(
-    ("options", "fill", "expected"),
-    [
-        ("size=1m", True, "No space left on device"),
-        ("size=4m,ro", False, "Read-only file system"),
-    ],
+    ("break_store", "expected"),
+    [(_fill, "No space left on device"), (_remount_read_only, "Read-only file system")],
     ids=["disk-full", "read-only"],
 )
 def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
-    make_settings, chest_series, tmp_path, options, fill, expected
+    make_settings, chest_series, tmp_path, break_store, expected
 ):
-    """Real file systems (tmpfs): a full one and a read-only one; root ignores mode bits."""
+    """Real file systems (tmpfs) that fill up or turn read-only under a running node."""
     from node.scp import start_scp
     from node.service import build_node
 
     store = tmp_path / "small-store"
-    _mount_tmpfs(store, options)
+    _mount_tmpfs(store, "size=1m")
     try:
-        if fill:
-            (store / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
         settings = make_settings(store_url=store.as_uri())
         node = build_node(settings, migrate=True)
+        break_store(store)
         server = start_scp(settings, node.ingestor)
         try:
             ae = AE(ae_title="TESTSCU")
@@ -213,6 +218,22 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
         node.close()
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def test_node_refuses_to_start_on_a_store_it_cannot_write(make_settings, tmp_path, capsys):
+    from node.cli import main
+    from tests.config import write_config
+
+    store = tmp_path / "ro-store"
+    _mount_tmpfs(store, "size=1m,ro")
+    try:
+        config = write_config(make_settings(store_url=store.as_uri()), tmp_path / "a.toml")
+        assert main(["--config", str(config), "serve"]) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)
+    err = capsys.readouterr().err
+    assert f"cannot prepare the store at {store}" in err
+    assert "Read-only file system" in err
 
 
 @pytest.mark.parametrize("syntax", ["jpeg-lossless", "jpeg-ls", "jpeg2000", "rle", "implicit"])
@@ -253,3 +274,44 @@ def test_push_leaves_only_final_files_in_the_store(scp, chest_series):
     assert result.returncode == 0
     names = [p.name for p in scp.store.root.rglob("*") if p.is_file()]
     assert len(names) == 5 and all(n.endswith(".dcm") and not n.startswith(".") for n in names)
+
+
+def test_node_sockets_disable_nagle(node):
+    """Both ends of the node's associations set TCP_NODELAY (DIMSE stalls ~40 ms without)."""
+    import socket
+
+    from pynetdicom import evt
+    from pynetdicom.sop_class import Verification
+
+    from node.scp import handle_conn_open, start_scp
+
+    server = start_scp(node.settings, node.ingestor)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.settings.dicom_port,
+        ae_title="AINODE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+    )
+    try:
+        assert assoc.is_established
+        ours = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        theirs = [
+            a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for a in server.active_associations
+        ]
+    finally:
+        assoc.release()
+        server.shutdown()
+    assert ours != 0
+    assert len(theirs) == 1 and theirs[0] != 0
+
+
+def test_cget_requests_at_most_128_presentation_contexts():
+    from node.pull import add_cget_contexts
+
+    ae = AE(ae_title="AINODE")
+    roles = add_cget_contexts(ae)
+    assert 40 <= len(ae.requested_contexts) <= 128
+    assert all(role.scp_role for role in roles)
