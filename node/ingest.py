@@ -88,10 +88,12 @@ class Ingestor:
 
     def _ingest(self, header: InstanceHeader, parts: list[bytes], source_ae: str | None):
         key = self.store.key_for(header.sop_instance_uid)
-        if self.is_stored(header.sop_instance_uid):
+        # The file is always written before its row, so without a file there is no row
+        # and the common case costs a stat, not a query.
+        existed = self.store.exists(key)
+        if existed and self.is_stored(header.sop_instance_uid):
             log.info("instance %s already stored: kept the first copy", header.sop_instance_uid)
             return IngestResult(Outcome.DUPLICATE, header, key)
-        existed = self.store.exists(key)
         size = self.store.write(key, parts)
         row = {
             "sop_instance_uid": header.sop_instance_uid,

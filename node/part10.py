@@ -13,12 +13,12 @@ import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
@@ -53,7 +53,9 @@ _HEADER_KEYWORDS = [
     "SeriesNumber",
     "InstanceNumber",
 ]
-_HEADER_TAGS = [Tag(keyword) for keyword in _HEADER_KEYWORDS]
+_TAG = {keyword: int(Tag(keyword)) for keyword in _HEADER_KEYWORDS}
+_HEADER_TAG_SET = frozenset(_TAG.values())
+_PN_DELIMITERS = frozenset({0x5E, 0x3D})  # "^" and "=" separate PN components and groups
 
 
 class DatasetError(ValueError):
@@ -81,8 +83,11 @@ class InstanceHeader:
     instance_number: int | None
 
 
-def check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
-    """Raise :class:`DatasetError` unless the encoded dataset is structurally whole."""
+def check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> dict[int, bytes]:
+    """Raise :class:`DatasetError` unless the encoded dataset is structurally whole.
+
+    Returns the raw values of the top-level header elements the database keeps.
+    """
     if not dataset_bytes:
         raise DatasetError("the dataset is empty")
     data = dataset_bytes
@@ -97,6 +102,7 @@ def check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
         endian=">" if transfer_syntax_uid == ExplicitVRBigEndian else "<",
     )
     walker.dataset(0, len(data), nested=False)
+    return walker.found
 
 
 class _Walker:
@@ -104,6 +110,7 @@ class _Walker:
 
     def __init__(self, data: bytes, explicit: bool, endian: str) -> None:
         self.data, self.explicit, self.endian = data, explicit, endian
+        self.found: dict[int, bytes] = {}
 
     def _tag_length(self, pos: int) -> tuple[int, bytes | None, int, int]:
         data, end = self.data, len(self.data)
@@ -145,6 +152,8 @@ class _Walker:
                     f"{end - pos} left"
                 )
             else:
+                if not nested and tag in _HEADER_TAG_SET:
+                    self.found[tag] = self.data[pos : pos + length]
                 pos += length
         if nested:
             raise DatasetError("truncated: an item of undefined length is not closed")
@@ -167,73 +176,53 @@ class _Walker:
 
 
 def read_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """Check the encoded dataset and read the attributes the database keeps."""
-    check_complete(dataset_bytes, transfer_syntax_uid)
-    try:
-        ds = _read_plain(dataset_bytes, UID(transfer_syntax_uid))
-    except Exception as exc:  # pydicom raises many types for bad bytes; all mean "cannot parse"
-        raise DatasetError(f"the dataset cannot be parsed: {exc}") from exc
-    return _header_from(ds, transfer_syntax_uid)
+    """Check the encoded dataset and read the attributes the database keeps.
 
+    One pass over the element headers does both; values are decoded with the
+    dataset's Specific Character Set.
+    """
+    found = check_complete(dataset_bytes, transfer_syntax_uid)
+    charset = found.get(_TAG["SpecificCharacterSet"], b"").decode("ascii", "replace")
+    encodings = convert_encodings([term.strip(" \x00") for term in charset.split("\\")])
 
-def _read_plain(dataset_bytes: bytes, syntax: UID) -> Dataset:
-    data = dataset_bytes
-    if syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
-    is_implicit = syntax == ImplicitVRLittleEndian
-    is_little = syntax != ExplicitVRBigEndian
-    ds = read_dataset(
-        BytesIO(data), is_implicit, is_little, stop_when=_stop_at_pixels, specific_tags=_HEADER_TAGS
-    )
-    ds.set_original_encoding(is_implicit, is_little)
-    return ds
+    def text(keyword: str, delimiters: frozenset = frozenset()) -> str | None:
+        raw = found.get(_TAG[keyword])
+        if raw is None:
+            return None
+        return decode_bytes(raw, encodings, delimiters).strip(" \x00") or None
 
-
-def _stop_at_pixels(tag, vr, length) -> bool:
-    return tag >= 0x7FE00010
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value)
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _header_from(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
-    uids = {}
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = ds.get(keyword)
-        if not value:
+    def uid(keyword: str) -> str:
+        raw = found.get(_TAG[keyword], b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        if not raw:
             raise DatasetError(f"the dataset has no {keyword}")
         try:
-            uids[keyword] = check_uid(str(value), keyword)
+            return check_uid(raw, keyword)
         except ValueError as exc:
             raise DatasetError(str(exc)) from exc
+
+    def integer(keyword: str) -> int | None:
+        value = text(keyword)
+        try:
+            return int(value.split("\\")[0]) if value else None
+        except ValueError:
+            return None
+
     return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
+        sop_class_uid=uid("SOPClassUID"),
+        sop_instance_uid=uid("SOPInstanceUID"),
+        study_instance_uid=uid("StudyInstanceUID"),
+        series_instance_uid=uid("SeriesInstanceUID"),
         transfer_syntax_uid=transfer_syntax_uid,
-        modality=_text(ds, "Modality"),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_description=_text(ds, "StudyDescription"),
-        series_description=_text(ds, "SeriesDescription"),
-        series_number=_int(ds, "SeriesNumber"),
-        instance_number=_int(ds, "InstanceNumber"),
+        modality=text("Modality"),
+        patient_id=text("PatientID"),
+        patient_name=text("PatientName", _PN_DELIMITERS),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_description=text("StudyDescription"),
+        series_description=text("SeriesDescription"),
+        series_number=integer("SeriesNumber"),
+        instance_number=integer("InstanceNumber"),
     )
 
 

@@ -194,3 +194,35 @@ def test_failed_move_counts_a_retry_and_keeps_the_reason():
 def test_part10_split_rejects_non_dicom():
     with pytest.raises(DatasetError, match="no DICM prefix"):
         split_part10(b"\0" * 200)
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+def test_header_text_is_decoded_with_the_dataset_charset(ingestor, tmp_path, charset):
+    from node import phantom
+
+    spec = phantom.PhantomSpec(
+        slices=1,
+        seed=3,
+        charset=charset,
+        patient_name="Núñez^José",
+        study_description="Tórax Simple",
+    )
+    [path] = phantom.write_series(spec, tmp_path / "one")
+    result = ingest(ingestor, path)
+    assert result.header.patient_name == "Núñez^José"
+    assert result.header.study_description == "Tórax Simple"
+    assert result.header.instance_number == 1
+    study = study_row(ingestor)
+    assert (study.patient_name, study.study_description) == ("Núñez^José", "Tórax Simple")
+
+
+def test_file_without_row_is_written_again_on_resend(ingestor, chest_series):
+    """A crash between file and row leaves a file only; the re-send records it."""
+    _spec, files = chest_series
+    body, syntax = body_of(files[0])
+    uid = dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    key = ingestor.store.key_for(uid)
+    ingestor.store.write(key, [b"an earlier copy that never got its row"])
+    assert ingest(ingestor, files[0]).outcome == Outcome.STORED
+    assert split_part10(ingestor.store.read(key))[1] == body
+    assert study_row(ingestor).instance_count == 1
