@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,14 +115,7 @@ def push_to_orthanc(files: list[Path], orthanc) -> float:
 
 def push_to_bare_pynetdicom(files: list[Path], workdir: Path) -> float:
     """The naive SCP: write the encoded dataset, no fsync, no database."""
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    def handle_store(event):
-        (workdir / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(
-            event.encoded_dataset()
-        )
-        return 0
-
+    handle_store = naive_store_handler(workdir)
     ae = AE("BARE")
     ae.maximum_pdu_size = 0
     for context in phantom_contexts():
@@ -143,6 +135,18 @@ def push_to_bare_pynetdicom(files: list[Path], workdir: Path) -> float:
         )
     finally:
         server.shutdown()
+
+
+def naive_store_handler(workdir: Path):
+    """A C-STORE handler that writes what arrives, nothing more (the naive baseline)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def handle_store(event):
+        path = workdir / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        path.write_bytes(event.encoded_dataset())
+        return 0
+
+    return handle_store
 
 
 def phantom_contexts() -> list[tuple[str, list[str]]]:
@@ -193,16 +197,8 @@ def get_with_getscu(orthanc, study_uid: str, workdir: Path, count: int) -> float
 
 def get_with_bare_pynetdicom(orthanc, study_uid: str, workdir: Path, count: int) -> float:
     """The naive C-GET: write each encoded dataset, no fsync, no database."""
-    workdir.mkdir(parents=True, exist_ok=True)
     orthanc.add_modality("BAREGET", "BAREGET", "127.0.0.1", free_port())
-    received = threading.Semaphore(0)
-
-    def handle_store(event):
-        (workdir / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(
-            event.encoded_dataset()
-        )
-        received.release()
-        return 0
+    handle_store = naive_store_handler(workdir)
 
     def run() -> None:
         ae = AE("BAREGET")
