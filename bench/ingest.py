@@ -73,7 +73,7 @@ def push_to_node(files: list[Path], workdir: Path) -> float:
     config = write_config(node_settings(workdir, port), workdir.with_suffix(".toml"))
     log = open(workdir.with_suffix(".log"), "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "serve"],
+        [sys.executable, "-m", "node.cli", "--config", str(config), "scp"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 from datetime import date, timedelta
@@ -33,8 +35,22 @@ def _setup_argparser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the node: storage SCP and study lifecycle")
-    sub.add_parser("scp", help="run only the storage SCP (same as serve for now)")
+    serve = sub.add_parser("serve", help="run the node: SCP, lifecycle, analysis dispatch")
+    serve.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run a worker process (default: yes on the embedded broker)",
+    )
+    sub.add_parser("scp", help="run only the storage SCP and the study lifecycle")
+    sub.add_parser("worker", help="run an analysis/report worker (Celery)")
+
+    classify = sub.add_parser("classify", help="classify PNG/JPG slices or DICOM files/folders")
+    classify.add_argument("paths", nargs="+", type=Path)
+    classify.add_argument("--json", action="store_true", help="machine-readable output")
+
+    reanalyze = sub.add_parser("reanalyze", help="analyse a study again (a new SR follows)")
+    reanalyze.add_argument("study", help="StudyInstanceUID")
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade", "current"])
@@ -73,22 +89,128 @@ def _date_range(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from node.pipeline import Dispatcher
+    from node.queue import make_celery
     from node.service import build_node, serve
 
     node = build_node(settings, migrate=True)
+    analysis = args.command == "serve"
+    with_worker = analysis and (args.worker if args.worker is not None else not settings.broker_url)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(
         f"ainode {__version__}: AE {settings.ae_title} on port {settings.dicom_port}, "
         f"database {node.engine.url.render_as_string(hide_password=True)}, "
-        f"store {settings.store_path}",
+        f"store {settings.store_path}"
+        + (f", broker {_redacted(settings.resolved_broker_url)}" if analysis else ""),
         flush=True,
     )
+    worker = _start_worker(args) if with_worker else None
     try:
-        serve(node, stop)
+        dispatch = Dispatcher(node, make_celery(settings)) if analysis else None
+        serve(node, stop, dispatch=dispatch)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        node.close()
+    return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not URL-shaped at all: show what follows any credentials
+        return url.split("@")[-1]
+
+
+def _start_worker(args: argparse.Namespace) -> subprocess.Popen:
+    command = [sys.executable, "-m", "node.cli"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    return subprocess.Popen([*command, "worker"])
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from node.queue import make_celery
+    from node.service import build_node
+
+    build_node(settings, migrate=True).close()
+    app = make_celery(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--queues=analysis,reports",
+            "--pool=solo",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            f"--hostname=ainode-{os.getpid()}@%h",
+        ]
+    )
+    return 0
+
+
+def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
+    from node.bundle import ModelBundle
+    from node.classify import classify_paths
+    from node.pipeline import analysis_options
+
+    bundle = ModelBundle.load(settings.resolved_model_dir, runtime=settings.model_runtime)
+    found = classify_paths(args.paths, bundle, analysis_options(settings))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": bundle.info.identity().label,
+                    "predicted_class": found.predicted_class,
+                    "probabilities": dict(zip(found.classes, found.probabilities, strict=True)),
+                    "slices": [
+                        {"slice": name, "probabilities": dict(zip(found.classes, p, strict=True))}
+                        for name, p in found.slices
+                    ],
+                    "skipped": found.skipped,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"model: {bundle.info.identity().label}")
+    print(f"{'slice':<40} " + " ".join(f"{c:>10}" for c in found.classes))
+    for name, probabilities in found.slices:
+        print(f"{name[-40:]:<40} " + " ".join(f"{p:>10.3f}" for p in probabilities))
+    for uid, reason in found.skipped.items():
+        print(f"skipped {uid}: {reason}")
+    study = ", ".join(
+        f"{c} {p:.3f}" for c, p in zip(found.classes, found.probabilities, strict=False)
+    )
+    print(f"result: {found.predicted_class} ({study})")
+    return 0
+
+
+def cmd_reanalyze(settings: Settings, args: argparse.Namespace) -> int:
+    from node import lifecycle
+    from node.db import StudyStatus as S
+    from node.service import build_node
+
+    node = build_node(settings)
+    try:
+        with node.session_factory() as session, session.begin():
+            study = session.scalars(
+                select(Study).where(Study.study_instance_uid == args.study)
+            ).one_or_none()
+            if study is None:
+                raise ValueError(f"study {args.study} is not on this node")
+            allowed = {S.ANALYZED, S.REPORTED, S.FAILED, S.STABLE}
+            if not lifecycle.move_where(session, study.id, allowed, S.QUEUED, reason="reanalyze"):
+                raise ValueError(f"study {args.study} is {study.status}; wait until it is done")
     finally:
         node.close()
+    print(f"study {args.study} queued for analysis")
     return 0
 
 
@@ -114,6 +236,7 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
             if args.status:
                 query = query.where(Study.status == args.status)
             rows = [_study_row(study) for study in session.scalars(query)]
+            _add_results(session, rows)
     finally:
         node.close()
     if args.json:
@@ -123,12 +246,49 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
         f"{'STATUS':<10} {'MOD':<6} {'SERIES':>6} {'INST':>6}  {'RECEIVED':<19}  DESCRIPTION / UID"
     )
     for row in rows:
+        result = row.get("result") or {}
+        answer = f"{result['predicted_class']} {result['probability']:.2f}" if result else "-"
         print(
             f"{row['status']:<10} {row['modalities']:<6} {row['series_count']:>6} "
             f"{row['instance_count']:>6}  {row['last_received_at'][:19]:<19}  "
-            f"{row['study_description'] or '-'}  {row['study_instance_uid']}"
+            f"{row['study_description'] or '-'}  {row['study_instance_uid']}  {answer}"
+            + (f"  SR {row['report']['status']}" if row.get("report") else "")
         )
     return 0
+
+
+def _add_results(session, rows: list[dict]) -> None:
+    """Attach each study's latest finished analysis and report (what a user wants to see)."""
+    from node.db import Analysis, AnalysisStatus, Report
+
+    for row in rows:
+        analysis = session.scalars(
+            select(Analysis)
+            .join(Study, Analysis.study_id == Study.id)
+            .where(Study.study_instance_uid == row["study_instance_uid"])
+            .where(Analysis.status == AnalysisStatus.DONE)
+            .order_by(Analysis.id.desc())
+        ).first()
+        if analysis is None:
+            continue
+        row["result"] = {
+            "predicted_class": analysis.predicted_class,
+            "probability": analysis.probabilities[analysis.predicted_class],
+            "probabilities": analysis.probabilities,
+            "model": f"{analysis.model_name} {analysis.model_version}",
+            "slices_evaluated": analysis.slices_evaluated,
+        }
+        report = session.scalars(
+            select(Report).where(Report.analysis_id == analysis.id).order_by(Report.id.desc())
+        ).first()
+        if report is not None:
+            row["report"] = {
+                "status": report.status,
+                "retries": report.retries,
+                "last_error": report.last_error,
+                "destination": report.destination,
+                "sop_instance_uid": report.sop_instance_uid,
+            }
 
 
 def _study_row(study: Study) -> dict:
@@ -202,6 +362,9 @@ def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS = {
     "serve": cmd_serve,
     "scp": cmd_serve,
+    "worker": cmd_worker,
+    "classify": cmd_classify,
+    "reanalyze": cmd_reanalyze,
     "db": cmd_db,
     "studies": cmd_studies,
     "pull": cmd_pull,

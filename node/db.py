@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -127,6 +129,89 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class AnalysisStatus(enum.StrEnum):
+    """One analysis attempt: running, done, failed, or abandoned by a worker that died."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+class Analysis(Base):
+    """One run of the model over a study: who, when, how long each stage took, the answer."""
+
+    __tablename__ = "analysis"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), default=AnalysisStatus.RUNNING, index=True)
+    error: Mapped[str | None] = mapped_column(String(2048))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)
+    rule: Mapped[str | None] = mapped_column(String(32))
+    predicted_class: Mapped[str | None] = mapped_column(String(32))
+    probabilities: Mapped[dict | None] = mapped_column(JSON)
+    slices_evaluated: Mapped[int] = mapped_column(Integer, default=0)
+    instances_skipped: Mapped[dict] = mapped_column(JSON, default=dict)
+
+    slices: Mapped[list[SlicePrediction]] = relationship(
+        back_populates="analysis", order_by="SlicePrediction.position"
+    )
+
+
+class SlicePrediction(Base):
+    """The model's probabilities for one evaluated slice (one frame of one instance)."""
+
+    __tablename__ = "slice_prediction"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[int | None] = mapped_column(Integer)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+
+    analysis: Mapped[Analysis] = relationship(back_populates="slices")
+
+
+class ReportStatus(enum.StrEnum):
+    """Delivery of one SR to the PACS."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Report(Base):
+    """One DICOM SR for an analysis and its delivery state (kept here, not only in the broker)."""
+
+    __tablename__ = "report"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis.id", ondelete="CASCADE"), index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default=ReportStatus.PENDING, index=True)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 def make_engine(url: str) -> Engine:

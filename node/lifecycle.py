@@ -86,3 +86,40 @@ def mark_stable(session: Session, stable_seconds: float, now: datetime | None = 
             )
     session.commit()
     return marked
+
+
+def move_where(
+    session: Session,
+    study_id: int,
+    allowed_from: set[StudyStatus],
+    to: StudyStatus,
+    reason: str | None = None,
+    now: datetime | None = None,
+    older_than: datetime | None = None,
+) -> bool:
+    """Move one study to ``to`` only if it is in ``allowed_from`` (atomic; caller commits).
+
+    The condition is checked by the database, so two workers (or a worker and the
+    sweeper) can race for a study and exactly one wins. ``older_than`` further
+    requires the current status to date from before that time.
+    """
+    for current in allowed_from:
+        if to not in ALLOWED[current]:
+            raise TransitionError(f"study {study_id}: {current} -> {to} not allowed")
+    now = now or utcnow()
+    condition = [Study.id == study_id, Study.status.in_([str(s) for s in allowed_from])]
+    if older_than is not None:
+        condition.append(Study.status_changed_at <= older_than)
+    values = {"status": to, "status_reason": reason, "status_changed_at": now}
+    if to is S.FAILED:
+        values["retries"] = Study.retries + 1
+    result = session.execute(
+        update(Study)
+        .where(*condition)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:
+        log.info("study %d -> %s%s", study_id, to, f" ({reason})" if reason else "")
+        return True
+    return False

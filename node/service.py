@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -54,8 +55,13 @@ def sweep_once(node: Node) -> list[str]:
         return lifecycle.mark_stable(session, node.settings.study_stable_seconds)
 
 
-def serve(node: Node, stop: threading.Event, sweep_interval: float = 1.0) -> None:
-    """Run the SCP and the lifecycle sweeper until ``stop`` is set."""
+def serve(
+    node: Node,
+    stop: threading.Event,
+    sweep_interval: float = 1.0,
+    dispatch: Callable[[], None] | None = None,
+) -> None:
+    """Run the SCP and the lifecycle sweeper (and ``dispatch`` after each sweep) until ``stop``."""
     if node.settings.calling_ae_allow_list == set():
         log.warning(
             "no calling AE is allowed: every association will be rejected. Set "
@@ -66,6 +72,8 @@ def serve(node: Node, stop: threading.Event, sweep_interval: float = 1.0) -> Non
         while not stop.is_set():
             try:
                 sweep_once(node)
+                if dispatch is not None:
+                    dispatch()
             except SQLAlchemyError:  # the sweeper outlives a database hiccup and retries
                 log.exception("lifecycle sweep failed; retrying in %.0f s", sweep_interval)
             stop.wait(sweep_interval)

@@ -70,6 +70,23 @@ class Settings(BaseSettings):
     max_pdu_size: int = Field(0, ge=0)
     network_timeout: float = Field(60.0, gt=0)
     log_level: str = "INFO"
+    # analysis
+    broker_url: str | None = None
+    model_dir: Path | None = None
+    model_runtime: str = Field("keras", pattern="^(keras|onnx)$")
+    mixed_precision: bool = False
+    window_center: float = -600.0
+    window_width: float = Field(1500.0, gt=0)
+    slice_stride: int = Field(1, ge=1)
+    min_lung_fraction: float = Field(0.05, ge=0, le=1)
+    aggregation_rule: str = Field("top-mean", pattern="^(mean|top-mean)$")
+    requeue_after_seconds: float = Field(120.0, gt=0)
+    analysis_timeout_seconds: float = Field(1800.0, gt=0)
+    # reports
+    report_peer: str | None = None
+    report_method: str = Field("dimse", pattern="^(dimse|stow)$")
+    report_max_retries: int = Field(8, ge=0)
+    report_retry_seconds: float = Field(10.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -107,6 +124,10 @@ class Settings(BaseSettings):
         names = [p.name for p in self.peers]
         if len(names) != len(set(names)):
             raise ValueError(f"peers must have unique names, got {names}")
+        if self.report_peer is not None and not any(
+            self.report_peer in (p.name, p.ae_title) for p in self.peers
+        ):
+            raise ValueError(f"report_peer {self.report_peer!r} is not one of the peers {names}")
         return self
 
     @property
@@ -123,11 +144,31 @@ class Settings(BaseSettings):
         return Path(parsed.path if parsed.scheme == "file" else self.store_url)
 
     @property
+    def resolved_broker_url(self) -> str:
+        """The Celery broker: the configured one (Redis in production) or SQLite in the data
+        folder, which needs no server."""
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        """The model bundle the workers serve: the configured one or the bundled demo."""
+        if self.model_dir is not None:
+            return self.model_dir
+        return Path(__file__).parent / "models" / "demo"
+
+    @property
     def calling_ae_allow_list(self) -> set[str] | None:
         """Calling AEs allowed to associate; ``None`` means any (only when asked for)."""
         if self.accept_any_calling_ae:
             return None
         return set(self.allowed_calling_aes) | {p.ae_title for p in self.peers}
+
+    @property
+    def report_destination(self) -> Peer | None:
+        """Where SRs go: ``report_peer``, else the only peer, else nowhere."""
+        if self.report_peer is not None:
+            return self.peer(self.report_peer)
+        return self.peers[0] if len(self.peers) == 1 else None
 
     def peer(self, name: str | None) -> Peer:
         """The peer called ``name`` (or the only one when ``name`` is None)."""

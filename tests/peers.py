@@ -704,3 +704,55 @@ def storescp(
                     f"storescp not listening on {port}:\n{_tail(log_path)}"
                 ) from None
             time.sleep(0.05)
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free loopback port (no persistence)."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker URL for Celery."""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start (or restart, on the same port) the server and wait until it answers."""
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                LOOPBACK,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        wait_for_port(LOOPBACK, self.port, timeout)
+
+    def stop(self) -> None:
+        """Stop the server (as an outage would: queued messages are gone with it)."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    """Start a private redis-server (Debian package redis-server) for the tests."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(port=free_port(), workdir=workdir)
+    server.start()
+    return server

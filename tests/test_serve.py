@@ -1,4 +1,4 @@
-"""`ainode serve` as a real process: restart mid-study, `ainode studies`, settings errors."""
+"""`ainode scp` as a real process: restart mid-study, `ainode studies`, settings errors."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.peers import storescu, wait_for_port
 def start_serve(config, log_path) -> subprocess.Popen:
     log = log_path.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "serve"],
+        [sys.executable, "-m", "node.cli", "--config", str(config), "scp"],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

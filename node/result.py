@@ -1,0 +1,99 @@
+"""Study results: per-slice probabilities aggregated into one study-level answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLASSES = ("Covid_19", "Normal", "Pneumonia")
+RULES = ("mean", "top-mean")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced a result: travels with every result and every SR."""
+
+    name: str
+    version: str
+    demo: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.version:
+            raise ValueError("model name and version are required")
+
+    @property
+    def label(self) -> str:
+        """``name version`` as shown to radiologists (with the demo warning when it is one)."""
+        text = f"{self.name} {self.version}"
+        return text + " (DEMO, synthetic phantoms, not for clinical use)" if self.demo else text
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """One evaluated slice: which instance (and frame) and its probabilities in class order."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    frame: int | None
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The study-level answer: class, probabilities in class order, how it was reached."""
+
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    predicted_class: str
+    rule: str
+    slices: tuple[SliceResult, ...]
+    model: ModelIdentity
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.probabilities):
+            raise ValueError("classes and probabilities differ in length")
+        if self.predicted_class not in self.classes:
+            raise ValueError(f"predicted_class {self.predicted_class!r} not in {self.classes}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+
+    @property
+    def probability(self) -> float:
+        """Probability of the predicted class."""
+        return self.probabilities[self.classes.index(self.predicted_class)]
+
+
+def aggregate(
+    slice_probabilities: np.ndarray,
+    classes: tuple[str, ...],
+    rule: str = "top-mean",
+    top_fraction: float = 0.25,
+) -> tuple[str, tuple[float, ...]]:
+    """Study class and probabilities from per-slice probabilities (rows in class order).
+
+    ``mean``: the mean over slices. ``top-mean`` (default): for each disease class
+    the mean of its highest ``top_fraction`` of slice probabilities, because a
+    finding that fills a quarter of the lungs is a finding even when the other
+    slices look normal; ``Normal`` is then what the disease classes leave
+    (1 - the largest disease score, floored at 0), and the vector is normalised.
+    """
+    probs = np.asarray(slice_probabilities, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(classes) or len(probs) == 0:
+        raise ValueError(f"need (slices, {len(classes)}) probabilities, got {probs.shape}")
+    if rule == "mean":
+        study = probs.mean(axis=0)
+    elif rule == "top-mean":
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        k = max(1, int(np.ceil(top_fraction * len(probs))))
+        study = np.sort(probs, axis=0)[-k:].mean(axis=0)
+        if "Normal" in classes:
+            normal = classes.index("Normal")
+            disease = [i for i in range(len(classes)) if i != normal]
+            study[normal] = max(0.0, 1.0 - study[disease].max()) if disease else study[normal]
+    else:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    study = study / study.sum()
+    return classes[int(np.argmax(study))], tuple(float(p) for p in study)

@@ -1,0 +1,92 @@
+"""Celery tasks: serialization and retries only; the work is in ``node.pipeline``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from node import pipeline
+from node.bundle import ModelBundle
+from node.report import DeviceObserver
+from node.service import Node, build_node
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_worker: dict = {}  # this worker process's node and model, built once from the app's settings
+
+
+def worker_state(app) -> tuple[Node, ModelBundle]:
+    """The node and the loaded model bundle of this worker process (built on first use)."""
+    if "node" not in _worker:
+        settings = Settings(**app.conf.ainode_settings)
+        _worker["node"] = build_node(settings)
+        _worker["bundle"] = ModelBundle.load(
+            settings.resolved_model_dir,
+            runtime=settings.model_runtime,
+            mixed_precision=settings.mixed_precision,
+        )
+        _worker["name"] = f"{socket.gethostname()}:{os.getpid()}"
+        log.info("worker ready with model %s", _worker["bundle"].info.identity().label)
+    return _worker["node"], _worker["bundle"]
+
+
+@worker_process_init.connect
+def _forget_parent_state(**_kwargs) -> None:
+    _worker.clear()  # a forked pool process must not share the parent's connections
+
+
+def observer(node: Node) -> DeviceObserver:
+    """The node as the SR's device observer."""
+    from node import __version__
+    from node.part10 import IMPLEMENTATION_CLASS_UID
+
+    return DeviceObserver(
+        uid=IMPLEMENTATION_CLASS_UID,
+        name=node.settings.ae_title,
+        manufacturer="ainode",
+        model_name="ainode",
+        serial_number=__version__,
+    )
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.analyze_study",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, OSError),
+    retry_backoff=True,
+    retry_backoff_max=300,
+    max_retries=5,
+)
+def analyze_study(self, study_id: int) -> None:
+    """Analyse a study and hand its report to the report queue."""
+    node, bundle = worker_state(self.app)
+    report_id = pipeline.run_analysis(node, bundle, study_id, worker=_worker["name"])
+    if report_id is not None:
+        send_report.apply_async(args=[report_id])
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.send_report",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    max_retries=20,
+)
+def send_report(self, report_id: int) -> None:
+    """Deliver a report's SR; transient failures come back with exponential backoff."""
+    node, _bundle = worker_state(self.app)
+    try:
+        pipeline.deliver_report(node, report_id, observer(node))
+    except pipeline.ReportRetry as exc:
+        settings = node.settings
+        delay = min(settings.report_retry_seconds * 2**self.request.retries, 3600)
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.report_max_retries) from exc
