@@ -137,9 +137,9 @@ def _start_worker(args: argparse.Namespace) -> subprocess.Popen:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from node.queue import make_celery
-    from node.service import build_node
+    from node.service import wait_for_schema
 
-    build_node(settings, migrate=True).close()
+    wait_for_schema(settings)  # `ainode serve` / `ainode db upgrade` migrate; workers never do
     app = make_celery(settings)
     app.worker_main(
         [

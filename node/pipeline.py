@@ -54,14 +54,14 @@ def analysis_options(settings: Settings) -> AnalysisOptions:
 
 
 def claim_study(node: Node, study_id: int, model: ModelIdentity, worker: str) -> int | None:
-    """Move a queued (or stable) study to ``analyzing`` and open an Analysis row for it.
+    """Move a queued study to ``analyzing`` and open an Analysis row for it.
 
     Returns the analysis id, or None when the study is not waiting (already taken,
     done, or unknown): a repeated message then does nothing.
     """
     now = utcnow()
     with node.session_factory() as session, session.begin():
-        if not lifecycle.move_where(session, study_id, {S.QUEUED, S.STABLE}, S.ANALYZING, now=now):
+        if not lifecycle.move_where(session, study_id, {S.QUEUED}, S.ANALYZING, now=now):
             return None
         analysis = Analysis(
             study_id=study_id,

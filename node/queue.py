@@ -17,7 +17,19 @@ SEND_REPORT = "node.tasks.send_report"
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app on the settings' broker (Redis in production, SQLite when embedded)."""
-    app = Celery("ainode", broker=settings.resolved_broker_url, include=["node.tasks"])
+    broker = settings.resolved_broker_url
+    app = Celery("ainode", broker=broker, include=["node.tasks"])
+    if broker.startswith(("redis://", "rediss://")):
+        transport_options = {
+            # A message a dead worker held comes back after this; the sweeper also
+            # recovers such studies from the database.
+            "visibility_timeout": int(settings.analysis_timeout_seconds),
+            "max_retries": 2,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+        }
+    else:
+        transport_options = {}  # the SQLAlchemy transport hands these to create_engine
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -27,14 +39,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
-        broker_transport_options={
-            # A message a dead worker held comes back after this; the sweeper also
-            # recovers such studies from the database.
-            "visibility_timeout": int(settings.analysis_timeout_seconds),
-            "max_retries": 2,
-            "interval_start": 0.2,
-            "interval_step": 0.5,
-        },
+        broker_transport_options=transport_options,
         task_routes={ANALYZE_STUDY: {"queue": "analysis"}, SEND_REPORT: {"queue": "reports"}},
         task_default_queue="analysis",
         worker_hijack_root_logger=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,24 @@ def build_node(settings: Settings, *, migrate: bool = False) -> Node:
     store = InstanceStore(settings.store_path)
     store.prepare()
     return Node(settings, engine, session_factory, store, Ingestor(store, session_factory))
+
+
+def wait_for_schema(settings: Settings, timeout: float = 60.0) -> None:
+    """Wait until the database is at the shipped schema; raise naming the fix if it is not."""
+    engine = make_engine(settings.resolved_database_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                schema.require_current(engine)
+                return
+            except (RuntimeError, SQLAlchemyError) as exc:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(str(exc)) from exc
+                log.info("waiting for the database schema: %s", exc)
+                time.sleep(1.0)
+    finally:
+        engine.dispose()
 
 
 def sweep_once(node: Node) -> list[str]:

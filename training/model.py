@@ -1,0 +1,117 @@
+"""The classifier: windowed uint8 CT slices in, class probabilities out (EfficientNet transfer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8))
+INPUT_SIZE_RANGE = (32, 1024)
+# What keras.applications stores as the Normalization "variance" in its ImageNet files: the
+# standard deviations themselves. Its weights="imagenet" path adds a Rescaling layer to make
+# up for it; a local weights file takes the other path, so make_model squares them instead.
+_IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def make_model(
+    backbone: str = "EfficientNetB0",
+    input_size: int = 224,
+    classes: int = 3,
+    weights: str | os.PathLike | None = None,
+    freeze_base: bool = False,
+    dropout: float = 0.2,
+) -> keras.Model:
+    """Build the slice classifier with resizing and channel handling inside the model.
+
+    Parameters
+    ----------
+    backbone
+        One of ``EfficientNetB0`` … ``EfficientNetB7``.
+    input_size
+        Side in pixels the slices are resized to inside the model (32..1024).
+    classes
+        Number of output classes (softmax, float32 even under mixed precision).
+    weights
+        ``None`` (random initialisation) or the path of a local ``include_top=False``
+        weights file; ``"imagenet"`` needs the network, which the node never has.
+    freeze_base
+        Keep the backbone's weights fixed (transfer learning with a pretrained base).
+    dropout
+        Dropout rate before the classification layer.
+
+    Returns
+    -------
+    keras.Model
+        Input ``(batch, height, width, 1)`` uint8 grayscale at any height and width (a
+        windowed 512 x 512 CT slice, say); output ``(batch, classes)`` probabilities.
+    """
+    _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout)
+    inputs = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
+    x = keras.layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(
+        inputs
+    )
+    # Keras EfficientNets take RGB floats in 0..255 and rescale and normalise inside
+    # themselves, so grey only needs copying into three channels.
+    x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
+    base = _backbone(backbone, input_size, weights)
+    base.trainable = not freeze_base
+    x = base(x, training=False) if freeze_base else base(x)
+    x = keras.layers.Dropout(dropout, name="top_dropout")(x)
+    outputs = keras.layers.Dense(
+        classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(inputs, outputs, name=f"{backbone.lower()}_ct{input_size}")
+
+
+def _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout) -> None:
+    """Refuse arguments that would build a useless or unloadable model, naming the argument."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    low, high = INPUT_SIZE_RANGE
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise TypeError(f"input_size must be an int, got {type(input_size).__name__}")
+    if not low <= input_size <= high:
+        raise ValueError(f"input_size must be in {low}..{high}, got {input_size}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise ValueError(f"classes must be an int >= 2, got {classes!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if weights is not None:
+        if str(weights) == "imagenet":
+            raise ValueError(
+                "weights='imagenet' downloads from the network; pass the path of a local "
+                "include_top=False weights file instead"
+            )
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file {str(weights)!r} does not exist")
+    if freeze_base and weights is None:
+        raise ValueError(
+            "freeze_base=True with weights=None would freeze a randomly initialised backbone, "
+            "which learns nothing; pass pretrained weights or freeze_base=False"
+        )
+
+
+def _backbone(backbone: str, input_size: int, weights) -> keras.Model:
+    """The EfficientNet without its top, pooled to one feature vector per image."""
+    build = getattr(keras.applications, backbone)
+    base = build(
+        include_top=False,
+        weights=None if weights is None else str(weights),
+        input_shape=(input_size, input_size, 3),
+        pooling="avg",
+    )
+    if weights is not None:
+        _square_imagenet_variance(base)
+    return base
+
+
+def _square_imagenet_variance(base: keras.Model) -> None:
+    """Make a local ImageNet file normalise like ``weights="imagenet"`` does."""
+    norm = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
+    variance = np.asarray(norm.adapt_variance)
+    if np.allclose(variance, _IMAGENET_STDDEV_RGB, atol=1e-3):
+        norm.adapt_variance.assign(np.square(variance))
+        norm.finalize_state()
