@@ -201,6 +201,7 @@ _FIELD_CHECKS = {
 def _write_atomically(path: Path, data: bytes) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide the bundle from the node's user
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
@@ -467,6 +468,7 @@ def write_bundle(
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        temp.chmod(0o755)
         bare = model.__class__.from_config(model.get_config())  # no optimizer, no compile state
         bare.set_weights(model.get_weights())
         bare.save(temp / MODEL_FILE)
