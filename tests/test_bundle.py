@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,10 @@ from node.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noq
 from node.result import CLASSES, ModelIdentity, aggregate  # noqa: E402
 from training.demo import MIN_FINDING_FRACTION as VISIBLE  # noqa: E402
 from training.demo import lung_slices  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(  # Keras 3.15 with NumPy 2, inside get_weights()
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 DEMO = Path(bundle.__file__).parent / "models" / "demo"
 UNSEEN_SEEDS = (9001, 9002)  # training.demo uses seeds 1000..1053
@@ -55,13 +60,38 @@ def unseen(studies) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture
-def bundle_copy(tmp_path) -> Path:
-    """A private copy of the demo bundle to damage or export from."""
-    target = tmp_path / "bundle"
+def demo_copy(tmp_path) -> Path:
+    """A private copy of the demo bundle, so an ONNX export is not cached in the repository."""
+    target = tmp_path / "demo"
     target.mkdir()
     for name in ("model.json", "model.keras"):
         shutil.copy2(DEMO / name, target / name)
     return target
+
+
+def _tiny_model(input_size: int = 32):
+    """A small model with the bundle contract (uint8 slices in, 3 probabilities out)."""
+    import keras
+
+    inputs = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
+    x = keras.layers.Resizing(input_size, input_size)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def tiny_info() -> ModelInfo:
+    """The demo's model.json, made to describe the tiny model."""
+    demo_info = ModelInfo.from_json(DEMO / "model.json")
+    return dataclasses.replace(demo_info, name="tiny", input_size=32, demo=False)
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path, tiny_info) -> Path:
+    """A freshly written tiny bundle to damage (quicker to load than the demo)."""
+    return write_bundle(_tiny_model(), tiny_info, tmp_path / "tiny")
 
 
 def _edit_json(folder: Path, **changes) -> None:
@@ -128,36 +158,59 @@ def test_predict_refuses_bad_input(demo, slices, batch_size, message):
         demo.predict(slices, batch_size=batch_size)
 
 
-def test_onnx_runtime_matches_keras(demo, unseen, bundle_copy):
+def test_onnx_runtime_matches_keras(demo, unseen, demo_copy):
     pixels = np.concatenate([studies[0][::4] for studies in unseen.values()])
-    onnx = ModelBundle.load(bundle_copy, runtime="onnx")
-    assert onnx.runtime == "onnx" and (bundle_copy / "model.onnx").is_file()
+    onnx = ModelBundle.load(demo_copy, runtime="onnx")
+    assert onnx.runtime == "onnx" and (demo_copy / "model.onnx").is_file()
     np.testing.assert_allclose(onnx.predict(pixels), demo.predict(pixels), atol=1e-4)
-    again = ModelBundle.load(bundle_copy, runtime="onnx")  # from the cache this time
+    again = ModelBundle.load(demo_copy, runtime="onnx")  # from the cache this time
     np.testing.assert_allclose(again.predict(pixels[:3]), onnx.predict(pixels[:3]), atol=1e-6)
 
 
-def test_mixed_precision_on_cpu_falls_back_to_float32(demo, unseen, caplog):
+def test_mixed_precision_on_cpu_falls_back_to_float32(tiny_bundle, unseen, caplog):
     pixels = unseen["Covid_19"][0][:4]
     with caplog.at_level(logging.WARNING, logger="node.bundle"):
-        mixed = ModelBundle.load(DEMO, mixed_precision=True)
+        mixed = ModelBundle.load(tiny_bundle, mixed_precision=True)
     assert "no GPU is visible" in caplog.text
-    np.testing.assert_allclose(mixed.predict(pixels), demo.predict(pixels), atol=1e-6)
+    assert mixed.model.layers[2].dtype_policy.name == "float32"
+    plain = ModelBundle.load(tiny_bundle)
+    np.testing.assert_allclose(mixed.predict(pixels), plain.predict(pixels), atol=1e-6)
 
 
-def test_write_bundle_round_trip(demo, unseen, tmp_path):
+def test_mixed_precision_where_a_gpu_is_visible_computes_in_float16(
+    tiny_bundle, unseen, monkeypatch
+):
+    pixels = unseen["Covid_19"][0][:4]
+    monkeypatch.setattr(bundle, "_gpu_visible", lambda: True)  # the hardware that is not here
+    mixed = ModelBundle.load(tiny_bundle, mixed_precision=True)
+    assert mixed.model.layers[2].dtype_policy.name == "mixed_float16"
+    assert mixed.model.layers[-1].dtype_policy.name == "float32"
+    probs = mixed.predict(pixels)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, ModelBundle.load(tiny_bundle).predict(pixels), atol=1e-2)
+
+
+def test_write_bundle_round_trip(tiny_info, unseen, tmp_path):
     pixels = unseen["Pneumonia"][0][:5]
-    model = demo.model
-    info = ModelInfo.from_json(DEMO / "model.json")
-    written = write_bundle(model, info, tmp_path / "copy")
+    model = _tiny_model()
+    written = write_bundle(model, tiny_info, tmp_path / "copy")
     assert sorted(p.name for p in written.iterdir()) == ["model.json", "model.keras"]
     again = ModelBundle.load(written)
-    assert again.info == info
-    np.testing.assert_allclose(again.predict(pixels), demo.predict(pixels), atol=1e-6)
+    assert again.info == tiny_info
+    np.testing.assert_allclose(again.predict(pixels), model.predict_on_batch(pixels[..., None]))
     with pytest.raises(BundleError, match="already exists"):
-        write_bundle(model, info, written)
-    assert write_bundle(model, info, written, overwrite=True) == written
+        write_bundle(model, tiny_info, written)
+    (written / "NOTES.txt").write_text("kept")
+    (written / "model.onnx").write_bytes(b"stale export")
+    assert write_bundle(model, tiny_info, written, overwrite=True) == written
+    assert sorted(p.name for p in written.iterdir()) == ["NOTES.txt", "model.json", "model.keras"]
     assert not list(tmp_path.glob(".copy.*"))  # no temporary folder left behind
+
+
+def test_write_bundle_refuses_a_model_that_disagrees(tiny_info, tmp_path):
+    with pytest.raises(BundleError, match="model resizes to .* but input_size is 64"):
+        write_bundle(_tiny_model(), dataclasses.replace(tiny_info, input_size=64), tmp_path / "x")
+    assert not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- refusals
@@ -181,36 +234,36 @@ def test_write_bundle_round_trip(demo, unseen, tmp_path):
         ({"colour": "blue"}, r"unknown fields \['colour'\]"),
     ],
 )
-def test_bad_model_json_is_refused_naming_file_and_field(bundle_copy, changes, message):
-    _edit_json(bundle_copy, **changes)
+def test_bad_model_json_is_refused_naming_file_and_field(tiny_bundle, changes, message):
+    _edit_json(tiny_bundle, **changes)
     with pytest.raises(BundleError, match=message) as caught:
-        ModelBundle.load(bundle_copy)
-    assert str(bundle_copy / "model.json") in str(caught.value)
+        ModelBundle.load(tiny_bundle)
+    assert str(tiny_bundle / "model.json") in str(caught.value)
 
 
-def test_missing_model_json_is_refused(bundle_copy):
-    (bundle_copy / "model.json").unlink()
+def test_missing_model_json_is_refused(tiny_bundle):
+    (tiny_bundle / "model.json").unlink()
     with pytest.raises(BundleError, match="no model.json"):
-        ModelBundle.load(bundle_copy)
+        ModelBundle.load(tiny_bundle)
 
 
-def test_missing_model_keras_is_refused(bundle_copy):
-    (bundle_copy / "model.keras").unlink()
+def test_missing_model_keras_is_refused(tiny_bundle):
+    (tiny_bundle / "model.keras").unlink()
     with pytest.raises(BundleError, match="model.keras: missing"):
-        ModelBundle.load(bundle_copy)
+        ModelBundle.load(tiny_bundle)
 
 
-def test_corrupt_model_keras_is_refused(bundle_copy):
-    data = (bundle_copy / "model.keras").read_bytes()
-    (bundle_copy / "model.keras").write_bytes(data[: len(data) // 2])
+def test_corrupt_model_keras_is_refused(tiny_bundle):
+    data = (tiny_bundle / "model.keras").read_bytes()
+    (tiny_bundle / "model.keras").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="cannot be loaded as a Keras model"):
-        ModelBundle.load(bundle_copy)
+        ModelBundle.load(tiny_bundle)
 
 
-def test_model_that_disagrees_with_model_json_is_refused(bundle_copy):
-    _edit_json(bundle_copy, input_size=64)
+def test_model_that_disagrees_with_model_json_is_refused(tiny_bundle):
+    _edit_json(tiny_bundle, input_size=64)
     with pytest.raises(BundleError, match="model resizes to .* but input_size is 64"):
-        ModelBundle.load(bundle_copy)
+        ModelBundle.load(tiny_bundle)
 
 
 @pytest.mark.parametrize(
@@ -220,6 +273,6 @@ def test_model_that_disagrees_with_model_json_is_refused(bundle_copy):
         (None, "torch", "runtime must be one of keras, onnx"),
     ],
 )
-def test_load_refuses_bad_arguments(bundle_copy, tmp_path, path, runtime, message):
+def test_load_refuses_bad_arguments(tiny_bundle, tmp_path, path, runtime, message):
     with pytest.raises(BundleError, match=message):
-        ModelBundle.load(tmp_path / path if path else bundle_copy, runtime=runtime)
+        ModelBundle.load(tmp_path / path if path else tiny_bundle, runtime=runtime)

@@ -4,6 +4,14 @@
 :mod:`node.phantom` (every class of one seed shares anatomy and noise), windows them as the
 node does, trains an EfficientNetB0 from scratch, reports held-out accuracy and writes the
 bundle. The model has only ever seen synthetic phantoms: it is a demo, not a diagnostic.
+
+Recipe (the defaults): 36 / 6 / 12 patient seeds for train / validation / test, each rendered
+at 512 x 512 as a 30-, 40- or 60-slice series; EfficientNetB0 at 96 px, batch 16, 20 epochs,
+Adam from 2e-3 decaying by 0.9 per epoch, flips / shifts / zooms / small rotations. Measured
+on this 2-core CPU: 30 min wall (data 3 min) while other jobs shared the cores, about half that
+alone. Test slices: accuracy 0.958 (recall Covid_19 0.87, Normal 0.99, Pneumonia 0.99); all
+36 test studies right. Seeds fix the data exactly; the weights vary in the last bits between
+runs because multi-threaded CPU kernels do not add in a fixed order.
 """
 
 from __future__ import annotations
