@@ -124,8 +124,8 @@ def node_config(make_settings, orthanc, tmp_path, **overrides):
     return settings, write_config(settings, tmp_path / "ainode.toml")
 
 
-# The demo model is right on ~89% of held-out phantom slices and most studies (its own
-# tests measure that); these end-to-end tests are about delivery, so they use phantom
+# The demo model is right on ~96% of held-out phantom slices and on the held-out studies
+# (tests/test_bundle.py measures that); these end-to-end tests are about delivery, so they use phantom
 # seeds it classifies correctly, checked once by running the pipeline in process.
 def push_phantom(orthanc, tmp_path, finding="covid", slices=24, seed=22, syntax="explicit"):
     spec = phantom.PhantomSpec(finding=finding, slices=slices, seed=seed, patient_id=f"E2E{seed}")
