@@ -125,8 +125,8 @@ def node_config(make_settings, orthanc, tmp_path, **overrides):
 
 
 # The demo model is right on ~96% of held-out phantom slices and on the held-out studies
-# (tests/test_bundle.py measures that); these end-to-end tests are about delivery, so they use phantom
-# seeds it classifies correctly, checked once by running the pipeline in process.
+# (tests/test_bundle.py measures that); these end-to-end tests are about delivery, so they
+# use phantom seeds it classifies correctly, checked once by running the pipeline in process.
 def push_phantom(orthanc, tmp_path, finding="covid", slices=24, seed=22, syntax="explicit"):
     spec = phantom.PhantomSpec(finding=finding, slices=slices, seed=seed, patient_id=f"E2E{seed}")
     files = phantom.write_series(spec, tmp_path / f"phantom-{seed}", transfer_syntax=syntax)
