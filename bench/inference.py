@@ -41,15 +41,20 @@ def windowed_slices(count: int) -> np.ndarray:
     return np.stack(images)
 
 
-def seconds_per_image(run: Callable[[], object], images: int, repeats: int) -> float:
-    """Median wall time of ``run`` over ``repeats`` runs (after one warm-up), per image."""
-    run()
+def seconds_per_image(
+    run: Callable[[np.ndarray], object], pixels: np.ndarray, repeats: int, warm: int
+) -> float:
+    """Median wall time of ``run(pixels)`` over ``repeats`` runs, per image.
+
+    A first call on ``warm`` images traces the function, so tracing is not timed.
+    """
+    run(pixels[:warm])
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        run()
+        run(pixels)
         times.append(time.perf_counter() - started)
-    return statistics.median(times) / images
+    return statistics.median(times) / len(pixels)
 
 
 def untrained_b7_bundle(folder: Path) -> Path:
@@ -78,43 +83,50 @@ def untrained_b7_bundle(folder: Path) -> Path:
     return write_bundle(model, info, folder)
 
 
-def bench_bundle(label: str, folder: Path, pixels: np.ndarray, args) -> None:
+def _per_image_predict(model) -> Callable[[np.ndarray], object]:
+    """The seed's app: one ``model.predict`` call per image."""
+    return lambda pixels: [model.predict(p[np.newaxis, ..., np.newaxis], verbose=0) for p in pixels]
+
+
+def bench_bundle(label: str, folder: Path, pixels: np.ndarray, repeats: int, args) -> None:
     """Print per-image seconds of the three paths and their ratios for one bundle."""
     started = time.perf_counter()
     bundle = ModelBundle.load(folder)
-    model = bundle.model
     loaded = time.perf_counter() - started
-    per_image = seconds_per_image(
-        lambda: [model.predict(image[np.newaxis, ..., np.newaxis], verbose=0) for image in pixels],
-        len(pixels),
-        args.repeats,
-    )
-    batched = seconds_per_image(
-        lambda: bundle.predict(pixels, batch_size=args.batch_size), len(pixels), args.repeats
-    )
+    print(f"\n{label}: {len(pixels)} slices 512x512, median of {repeats}, load {loaded:.1f} s")
+    per_image = seconds_per_image(_per_image_predict(bundle.model), pixels, repeats, 1)
+    print(f"  (a) model.predict per image        {per_image:8.4f} s/image")
+    for size in args.batch_sizes:
+        batched = seconds_per_image(
+            lambda p, size=size: bundle.predict(p, batch_size=size), pixels, repeats, size
+        )
+        ratio = per_image / batched
+        print(
+            f"  (b) ModelBundle.predict, batch {size:<3} {batched:8.4f} s/image {ratio:6.2f}x (a)"
+        )
     started = time.perf_counter()
     onnx = ModelBundle.load(folder, runtime="onnx")
     exported = time.perf_counter() - started
-    onnx_s = seconds_per_image(
-        lambda: onnx.predict(pixels, batch_size=args.batch_size), len(pixels), args.repeats
-    )
+    size = max(args.batch_sizes)
+    onnx_s = seconds_per_image(lambda p: onnx.predict(p, batch_size=size), pixels, repeats, size)
+    ratio = per_image / onnx_s
+    print(f"  (c) ONNX Runtime, batch {size:<3}        {onnx_s:8.4f} s/image {ratio:6.2f}x (a)")
     difference = float(np.abs(onnx.predict(pixels) - bundle.predict(pixels)).max())
-    print(f"\n{label}: {len(pixels)} slices 512x512, batch {args.batch_size}")
-    print(f"  load {loaded:.1f} s, ONNX export + load {exported:.1f} s")
-    print(f"  (a) model.predict per image   {per_image:8.4f} s/image")
-    print(
-        f"  (b) ModelBundle.predict       {batched:8.4f} s/image   {per_image / batched:5.2f}x (a)"
-    )
-    print(f"  (c) ONNX Runtime              {onnx_s:8.4f} s/image   {per_image / onnx_s:5.2f}x (a)")
-    print(f"  ONNX vs Keras max |dp| {difference:.2e}")
+    print(f"  ONNX export + load {exported:.1f} s; ONNX vs Keras max |dp| {difference:.2e}")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__)
     parser.add_argument("--images", type=int, default=32, help="slices for the demo bundle")
     parser.add_argument("--b7-images", type=int, default=8, help="slices for EfficientNetB7")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[1, 16],
+        help="ModelBundle.predict batch sizes, comma separated (ONNX uses the largest)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (demo bundle)")
+    parser.add_argument("--b7-repeats", type=int, default=2, help="timed runs (B7)")
     parser.add_argument("--skip-b7", action="store_true", help="time the demo bundle only")
     return parser
 
@@ -131,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         demo.mkdir()
         for name in ("model.json", "model.keras"):
             shutil.copy2(DEMO / name, demo / name)
-        bench_bundle("demo bundle (EfficientNetB0)", demo, windowed_slices(args.images), args)
+        pixels = windowed_slices(args.images)
+        bench_bundle("demo bundle (EfficientNetB0)", demo, pixels, args.repeats, args)
         if not args.skip_b7:
             b7 = untrained_b7_bundle(Path(temp) / "b7")
-            bench_bundle(
-                "EfficientNetB7 @512, untrained", b7, windowed_slices(args.b7_images), args
-            )
+            pixels = windowed_slices(args.b7_images)
+            bench_bundle("EfficientNetB7 @512, untrained", b7, pixels, args.b7_repeats, args)
     return 0
 
 

@@ -46,10 +46,13 @@ def make_model(
     -------
     keras.Model
         Input ``(batch, height, width, 1)`` uint8 grayscale at any height and width (a
-        windowed 512 x 512 CT slice, say); output ``(batch, classes)`` probabilities.
+        windowed 512 x 512 CT slice, say; ``node.bundle.ModelBundle.predict`` also takes
+        ``(batch, height, width)``); output ``(batch, classes)`` probabilities.
     """
     _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout)
     inputs = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
+    # Plain bilinear: antialiased resizing has no ONNX export (ScaleAndTranslate) and "area"
+    # exports to a different result, so ONNX Runtime would disagree with Keras.
     x = keras.layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(
         inputs
     )
