@@ -178,26 +178,24 @@ def test_embedded_default_needs_no_broker_server(make_settings, orthanc, tmp_pat
         procs.stop_all()
 
 
-def analyses(settings) -> list[Analysis]:
+def rows(settings, model) -> list:
+    """All rows of one table (Analysis or Report), oldest first, from the node's database."""
     from node.service import build_node
 
     node = build_node(settings)
     try:
         with node.session_factory() as session:
-            return session.scalars(select(Analysis).order_by(Analysis.id)).all()
+            return session.scalars(select(model).order_by(model.id)).all()
     finally:
         node.close()
+
+
+def analyses(settings) -> list[Analysis]:
+    return rows(settings, Analysis)
 
 
 def reports(settings) -> list[Report]:
-    from node.service import build_node
-
-    node = build_node(settings)
-    try:
-        with node.session_factory() as session:
-            return session.scalars(select(Report).order_by(Report.id)).all()
-    finally:
-        node.close()
+    return rows(settings, Report)
 
 
 def test_worker_killed_mid_analysis_the_study_completes_once_after_restart(
