@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from datetime import date, timedelta
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -74,7 +75,23 @@ def _setup_argparser() -> argparse.ArgumentParser:
 
     ph = sub.add_parser("phantom", help="write a synthetic chest CT series")
     phantom.add_arguments(ph)
+    for register in _command_groups():
+        COMMANDS.update(register(sub))
     return parser
+
+
+def _command_groups() -> list:
+    """``register(subparsers) -> {name: handler}`` of the node's command modules and of the
+    installed ``ainode.commands`` entry points (``ainode train`` comes from ``training``)."""
+    from node.commands import GROUPS
+
+    groups = list(GROUPS)
+    for entry_point in entry_points(group="ainode.commands"):
+        try:
+            groups.append(entry_point.load())
+        except ImportError as exc:  # a plug-in whose extra is not installed: say so on use
+            log.debug("command %s unavailable: %s", entry_point.name, exc)
+    return groups
 
 
 def _date_range(args: argparse.Namespace) -> str | None:
@@ -159,8 +176,11 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
     from node.bundle import ModelBundle
     from node.classify import classify_paths
     from node.pipeline import analysis_options
+    from node.registry import active_model_dir, registry_session
 
-    bundle = ModelBundle.load(settings.resolved_model_dir, runtime=settings.model_runtime)
+    with registry_session(settings) as session:
+        folder = active_model_dir(settings, session)
+    bundle = ModelBundle.load(folder, runtime=settings.model_runtime)
     found = classify_paths(args.paths, bundle, analysis_options(settings))
     if args.json:
         print(

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     TypeDecorator,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -212,6 +213,38 @@ class Report(Base):
     last_error: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Label(Base):
+    """A keyword a radiologist put on a study or on one of its series (the training labels).
+
+    A series-level label overrides the study's labels for that series. Keywords map to
+    classes through ``Settings.keyword_classes``; unmapped keywords are kept as plain tags.
+    """
+
+    __tablename__ = "label"
+    __table_args__ = (UniqueConstraint("study_id", "series_id", "keyword", name="uq_label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    keyword: Mapped[str] = mapped_column(String(64), index=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ModelActivation(Base):
+    """Which model bundle the workers serve: the newest row wins; older rows are the history."""
+
+    __tablename__ = "model_activation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    activated_by: Mapped[str] = mapped_column(String(128))
+    activated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 def make_engine(url: str) -> Engine:

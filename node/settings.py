@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     aggregation_rule: str = Field("top-mean", pattern="^(mean|top-mean)$")
     requeue_after_seconds: float = Field(120.0, gt=0)
     analysis_timeout_seconds: float = Field(1800.0, gt=0)
+    # labels, exports and the model registry
+    keyword_classes: dict[str, str | None] = Field(
+        default_factory=lambda: {
+            "COVID": "Covid_19",
+            "Normal": "Normal",
+            "Pneumonia": "Pneumonia",
+            "Exclude": None,
+        }
+    )
+    models_dir: Path | None = None
+    export_salt: str | None = Field(None, min_length=16)
     # reports
     report_peer: str | None = None
     report_method: str = Field("dimse", pattern="^(dimse|stow)$")
@@ -111,6 +122,25 @@ class Settings(BaseSettings):
     @classmethod
     def _allowed(cls, values: list[str]) -> list[str]:
         return [check_ae_title(v, "allowed_calling_aes") for v in values]
+
+    @field_validator("keyword_classes")
+    @classmethod
+    def _keyword_classes(cls, values: dict[str, str | None]) -> dict[str, str | None]:
+        from node.result import CLASSES
+
+        seen: set[str] = set()
+        # TOML has no null: an empty string also means "exclude from training".
+        values = {keyword: class_name or None for keyword, class_name in values.items()}
+        for keyword, class_name in values.items():
+            if not keyword.strip() or keyword.casefold() in seen:
+                raise ValueError(f"keyword_classes: empty or repeated keyword {keyword!r}")
+            seen.add(keyword.casefold())
+            if class_name is not None and class_name not in CLASSES:
+                raise ValueError(
+                    f"keyword_classes: {keyword!r} maps to {class_name!r}, "
+                    f"not one of {', '.join(CLASSES)} (or null to exclude)"
+                )
+        return values
 
     @field_validator("store_url")
     @classmethod
@@ -155,6 +185,11 @@ class Settings(BaseSettings):
         if self.model_dir is not None:
             return self.model_dir
         return Path(__file__).parent / "models" / "demo"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        """The model registry: one ``NAME/VERSION/`` bundle folder per registered model."""
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
     @property
     def calling_ae_allow_list(self) -> set[str] | None:

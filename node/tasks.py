@@ -12,28 +12,32 @@ from sqlalchemy.exc import OperationalError
 
 from node import pipeline
 from node.bundle import ModelBundle
+from node.registry import ActiveBundle
 from node.report import DeviceObserver
 from node.service import Node, build_node
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_worker: dict = {}  # this worker process's node and model, built once from the app's settings
+_worker: dict = {}  # this worker process's node and active-model cache, built once
 
 
-def worker_state(app) -> tuple[Node, ModelBundle]:
-    """The node and the loaded model bundle of this worker process (built on first use)."""
+def worker_node(app) -> Node:
+    """The node of this worker process (built on first use from the app's settings)."""
     if "node" not in _worker:
         settings = Settings(**app.conf.ainode_settings)
         _worker["node"] = build_node(settings)
-        _worker["bundle"] = ModelBundle.load(
-            settings.resolved_model_dir,
-            runtime=settings.model_runtime,
-            mixed_precision=settings.mixed_precision,
-        )
+        _worker["model"] = ActiveBundle(settings)
         _worker["name"] = f"{socket.gethostname()}:{os.getpid()}"
-        log.info("worker ready with model %s", _worker["bundle"].info.identity().label)
-    return _worker["node"], _worker["bundle"]
+    return _worker["node"]
+
+
+def worker_state(app) -> tuple[Node, ModelBundle]:
+    """The node and the active model bundle, reloaded only when the activation changed."""
+    node = worker_node(app)
+    with node.session_factory() as session:
+        bundle = _worker["model"].current(session)
+    return node, bundle
 
 
 @worker_process_init.connect
@@ -83,7 +87,7 @@ def analyze_study(self, study_id: int) -> None:
 )
 def send_report(self, report_id: int) -> None:
     """Deliver a report's SR; transient failures come back with exponential backoff."""
-    node, _bundle = worker_state(self.app)
+    node = worker_node(self.app)
     try:
         pipeline.deliver_report(node, report_id, observer(node))
     except pipeline.ReportRetry as exc:

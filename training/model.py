@@ -17,8 +17,8 @@ _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
 def make_model(
-    backbone: str = "EfficientNetB0",
-    input_size: int = 224,
+    backbone: str = "EfficientNetB7",
+    input_size: int = 512,
     classes: int = 3,
     weights: str | os.PathLike | None = None,
     freeze_base: bool = False,
@@ -118,3 +118,15 @@ def _square_imagenet_variance(base: keras.Model) -> None:
     if np.allclose(variance, _IMAGENET_STDDEV_RGB, atol=1e-3):
         norm.adapt_variance.assign(np.square(variance))
         norm.finalize_state()
+
+
+def set_batchnorm_momentum(layer, momentum: float) -> None:
+    """Set the momentum of every batch-norm layer in ``layer`` (recursively).
+
+    A model trained from scratch changes quickly; Keras' 0.99 would leave the moving
+    statistics that inference uses far behind the weights.
+    """
+    if isinstance(layer, keras.layers.BatchNormalization):
+        layer.momentum = momentum
+    for inner in getattr(layer, "layers", ()):
+        set_batchnorm_momentum(inner, momentum)

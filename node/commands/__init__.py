@@ -1,0 +1,11 @@
+"""``ainode`` subcommand groups beyond the core ones in :mod:`node.cli`.
+
+Each module exposes ``register(subparsers) -> {command: handler}``, the same protocol as the
+``ainode.commands`` entry points; a handler is ``handler(settings, args) -> exit status``.
+"""
+
+from __future__ import annotations
+
+from node.commands import labels, models
+
+GROUPS: list = [models.register, labels.register]

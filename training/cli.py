@@ -1,0 +1,220 @@
+"""``ainode train prepare|fit|evaluate|register``: the training pipeline from the command line.
+
+Registered through the ``ainode.commands`` entry point, so the node itself never imports
+training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+
+log = logging.getLogger("ainode.train")
+
+
+def register(sub) -> dict:
+    """Add ``train`` and its steps to the ``ainode`` parser."""
+    train = sub.add_parser("train", help="prepare data, fit, evaluate and register a model")
+    steps = train.add_subparsers(dest="step", required=True, metavar="STEP")
+    _prepare_arguments(steps.add_parser("prepare", help="samples → balanced shards"))
+    _fit_arguments(steps.add_parser("fit", help="fine-tune on a prepared run (resumes)"))
+    evaluate = steps.add_parser("evaluate", help="metrics and plots on the test split")
+    evaluate.add_argument("run", type=Path)
+    evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    evaluate.add_argument("--rule", choices=["top-mean", "mean"], default="top-mean")
+    evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    reg = steps.add_parser("register", help="write the model bundle into the node's registry")
+    reg.add_argument("run", type=Path)
+    reg.add_argument("--name", required=True)
+    reg.add_argument("--version", required=True)
+    reg.add_argument("--demo", action="store_true", help="mark it as a demo, not for clinical use")
+    reg.add_argument("--description", default="")
+    reg.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    reg.add_argument("--activate", action="store_true", help="also make it the active model")
+    return {"train": cmd_train}
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="new run folder")
+    parser.add_argument("--export", type=Path, action="append", default=[], help="node export")
+    parser.add_argument("--folders", type=Path, action="append", default=[], help="class folders")
+    parser.add_argument("--covidx", type=Path, action="append", default=[], help="COVIDx CT-2")
+    parser.add_argument("--patient-pattern", help="regex whose group is the patient in a file name")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=2000, help="images per super-batch")
+    parser.add_argument("--val", type=float, default=0.15, help="validation share of patients")
+    parser.add_argument("--test", type=float, default=0.15, help="test share of patients")
+    parser.add_argument("--no-balance", action="store_true", help="no augmented copies")
+    parser.add_argument("--no-crop", action="store_true", help="ignore COVIDx lung boxes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.options import FitOptions
+
+    d = FitOptions()
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--backbone", default=d.backbone)
+    parser.add_argument("--input-size", type=int, default=d.input_size)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over all shards")
+    parser.add_argument("--patience", type=int, default=d.patience, help="shards, early stop")
+    parser.add_argument("--lr", type=float, default=d.learning_rate, help="initial rate")
+    parser.add_argument("--decay-steps", type=int, default=d.decay_steps)
+    parser.add_argument("--decay-rate", type=float, default=d.decay_rate)
+    parser.add_argument("--weights", help="local pretrained weights file (include_top=False)")
+    parser.add_argument("--freeze-base", action="store_true", help="train only the head")
+    parser.add_argument("--no-online-augment", action="store_true")
+    parser.add_argument("--batchnorm-momentum", type=float)
+    parser.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--strategy", choices=["auto", "default", "mirrored", "multiworker"], default="auto"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--restart", action="store_true", help="discard an unfinished fit")
+
+
+def cmd_train(settings, args: argparse.Namespace) -> int:
+    """Run one training step."""
+    return {"prepare": _prepare, "fit": _fit, "evaluate": _evaluate, "register": _register}[
+        args.step
+    ](settings, args)
+
+
+def _samples(args: argparse.Namespace) -> tuple[list, list[dict]]:
+    """Every source's samples and what the run records about the sources."""
+    from training import datasets
+
+    samples, sources = [], []
+    for folder in args.export:
+        found = datasets.read_export(folder)
+        meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+        sources.append(
+            {
+                "kind": "export",
+                "name": folder.name,
+                "images": len(found),
+                "window": meta.get("window"),
+            }
+        )
+        samples += found
+    for folder in args.folders:
+        found = datasets.read_class_folders(folder, patient_pattern=args.patient_pattern)
+        sources.append({"kind": "class-folders", "name": folder.name, "images": len(found)})
+        samples += found
+    for folder in args.covidx:
+        found = datasets.read_covidx(folder, use_box=not args.no_crop)
+        sources.append({"kind": "covidx-ct-2", "name": folder.name, "images": len(found)})
+        samples += found
+    if not samples:
+        raise ValueError("no images: give at least one --export, --folders or --covidx")
+    return samples, sources
+
+
+def _prepare(settings, args: argparse.Namespace) -> int:
+    from training.shards import PrepareOptions, prepare
+    from training.splits import split_by_patient, split_counts
+
+    samples, sources = _samples(args)
+    samples = split_by_patient(samples, val=args.val, test=args.test, seed=args.seed)
+    options = PrepareOptions(
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        balance=not args.no_balance,
+        crop=not args.no_crop,
+        seed=args.seed,
+    )
+    for split, counts in split_counts(samples).items():
+        print(f"{split}: {counts}")
+    with tqdm(total=None, unit="img", disable=args.no_progress, desc="shards") as bar:
+        info = prepare(samples, args.out, options, sources, progress=bar.update)
+    for split, shards in info["shards"].items():
+        images = sum(s["images"] for s in shards)
+        augmented = sum(s["augmented"] for s in shards)
+        print(f"{split}: {images} images ({augmented} augmented) in {len(shards)} shard(s)")
+    print(f"prepared run: {args.out}")
+    return 0
+
+
+def _fit(settings, args: argparse.Namespace) -> int:
+    from training.fit import fit
+    from training.options import FitOptions
+
+    options = FitOptions(
+        backbone=args.backbone,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        learning_rate=args.lr,
+        decay_steps=args.decay_steps,
+        decay_rate=args.decay_rate,
+        weights=args.weights,
+        freeze_base=args.freeze_base,
+        online_augment=not args.no_online_augment,
+        batchnorm_momentum=args.batchnorm_momentum,
+        mixed_precision=args.mixed_precision,
+        strategy=args.strategy,
+        seed=args.seed,
+    )
+    summary = fit(args.run, options, restart=args.restart)
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(
+        f"fitted {summary['epochs_run']} shard(s) in {summary['seconds']:.0f} s "
+        f"({summary['images_per_second']} img/s on {summary['devices']['strategy']}/"
+        f"{summary['devices']['policy']}); best val_accuracy {summary['best_val_accuracy']}"
+        + (" (stopped early)" if summary["stopped_early"] else "")
+    )
+    return 0
+
+
+def _evaluate(settings, args: argparse.Namespace) -> int:
+    from training.scoring import evaluate_run
+
+    with tqdm(unit="img", disable=False, desc="evaluate") as bar:
+        result, files = evaluate_run(args.run, args.checkpoint, args.rule, args.split, bar.update)
+    slice_, study = result["slice"], result["study"]
+    print(
+        f"{args.split}: slice accuracy {slice_['accuracy']:.3f} ({slice_['n']} slices), "
+        f"study accuracy {study['accuracy']:.3f} ({study['n']} studies), "
+        f"COVID sensitivity {slice_['covid_sensitivity']}, PPV {slice_['covid_ppv']}"
+    )
+    for path in files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _register(settings, args: argparse.Namespace) -> int:
+    from training.register import register_run
+
+    folder = register_run(
+        args.run,
+        settings.resolved_models_dir,
+        args.name,
+        args.version,
+        demo=args.demo,
+        description=args.description,
+        checkpoint=args.checkpoint,
+    )
+    print(f"registered {args.name}:{args.version} at {folder}")
+    if args.activate:
+        from node import registry
+        from node.service import build_node
+
+        node = build_node(settings)
+        with node.session_factory() as session:
+            registry.activate(settings, session, f"{args.name}:{args.version}", by="ainode train")
+            session.commit()
+        print(f"active model: {args.name}:{args.version}")
+    else:
+        print(f"activate it with: ainode models activate {args.name}:{args.version}")
+    return 0

@@ -1,0 +1,290 @@
+"""Fine-tune the classifier on a prepared run, one shard (super-batch) per Keras epoch.
+
+The seed paper's recipe is the default: Adam with ExponentialDecay(1e-4, 100000, 0.96), batch
+80, the best model on validation accuracy kept, early stopping on validation accuracy, a CSV
+log. After every shard the model and optimizer are saved with the loop's state, so a run that
+is killed resumes at the next shard with the same learning-rate schedule.
+
+Files in ``RUN/fit/``: ``options.json``, ``state.json``, ``last.keras`` (resume point),
+``best.keras`` (best validation accuracy), ``history.csv`` (one row per shard), ``fit.json``
+(the summary, written when the run ends).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from training.augment import AugmentOptions, augment_image
+from training.devices import Devices, resolve_devices
+from training.options import FitOptions
+from training.shards import PreparedRun
+
+log = logging.getLogger(__name__)
+
+FIT_DIR = "fit"
+OPTIONS_FILE, STATE_FILE, SUMMARY_FILE = "options.json", "state.json", "fit.json"
+LAST_MODEL, BEST_MODEL, HISTORY_FILE = "last.keras", "best.keras", "history.csv"
+# Keras' 0.99 leaves a from-scratch model's moving statistics near their initial values after
+# a few hundred steps, so inference (which uses them) collapses to one class.
+FROM_SCRATCH_BATCHNORM_MOMENTUM = 0.9
+
+
+class FitError(RuntimeError):
+    """The run cannot be fitted (inconsistent resume, no training data …)."""
+
+
+def train_batches(
+    run: PreparedRun, batch_size: int, start_epoch: int, seed: int, augment: bool
+) -> tuple[Iterator, int]:
+    """An endless stream of training batches, shard ``epoch % shards`` for each epoch, and the
+    batches per epoch (every epoch yields as many, the smaller shards wrapping around)."""
+    files = run.shard_files("train")
+    largest = max(s["images"] for s in run.info["shards"]["train"])
+    steps = -(-largest // batch_size)
+    options = AugmentOptions(**run.info["options"]["augment"])
+
+    def stream():
+        epoch = start_epoch
+        while True:
+            with np.load(files[epoch % len(files)]) as shard:
+                images, labels = shard["images"], shard["labels"]
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(len(labels))
+            for step in range(steps):
+                picks = order[
+                    np.arange(step * batch_size, min((step + 1) * batch_size, largest)) % len(order)
+                ]
+                batch = images[picks]
+                if augment:
+                    batch = np.stack([augment_image(b[..., 0], rng, options) for b in batch])[
+                        ..., None
+                    ]
+                yield batch, labels[picks]
+            epoch += 1
+
+    return stream(), steps
+
+
+def eval_batches(run: PreparedRun, split: str, batch_size: int) -> tuple[Iterator, int]:
+    """An endless stream cycling through ``split`` in order, and the batches per pass."""
+    sizes = [s["images"] for s in run.info["shards"][split]]
+    steps = sum(-(-n // batch_size) for n in sizes)
+
+    def stream():
+        while True:
+            for shard in run.read_shards(split):
+                for start in range(0, len(shard["labels"]), batch_size):
+                    yield (
+                        shard["images"][start : start + batch_size],
+                        shard["labels"][start : start + batch_size],
+                    )
+
+    return stream(), steps
+
+
+def fit(run_folder: str | os.PathLike, options: FitOptions, restart: bool = False) -> dict:
+    """Train on the run's shards (resuming when a previous fit stopped); return the summary."""
+    run = PreparedRun.open(run_folder)
+    folder = run.folder / FIT_DIR
+    state = _start_state(folder, options, restart)
+    devices = resolve_devices(options.mixed_precision, options.strategy)
+    for note in devices.notes:
+        log.warning("%s", note)
+    keras.utils.set_random_seed(options.seed)
+    keras.mixed_precision.set_global_policy(devices.policy)
+    try:
+        with devices.strategy.scope():
+            model, notes = _model(folder, options, state)
+        return _loop(run, folder, options, state, model, devices, notes)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
+    """The loop state to start from: fresh, or the saved one when resuming."""
+    if restart and folder.exists():
+        for name in (STATE_FILE, LAST_MODEL, BEST_MODEL, HISTORY_FILE, SUMMARY_FILE, OPTIONS_FILE):
+            (folder / name).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / STATE_FILE).exists() and (folder / LAST_MODEL).exists():
+        saved = json.loads((folder / OPTIONS_FILE).read_text(encoding="utf-8"))
+        changed = sorted(k for k, v in options.resume_key().items() if saved.get(k) != v)
+        if changed:
+            raise FitError(
+                f"{folder}: a fit with other options ({', '.join(changed)}) is there; "
+                "pass --restart to start over"
+            )
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        log.info("resuming after shard %d (best val_accuracy %s)", state["epoch"], state["best"])
+        return state
+    _write_json(folder / OPTIONS_FILE, asdict(options))
+    return {
+        "epoch": 0,
+        "best": None,
+        "wait": 0,
+        "best_epoch": None,
+        "seconds": 0.0,
+        "images_seen": 0,
+    }
+
+
+def _model(folder: Path, options: FitOptions, state: dict):
+    """The model to train: the resume point, or a new compiled one."""
+    from training.model import make_model, set_batchnorm_momentum
+
+    notes = []
+    if options.weights is None:
+        notes.append(
+            "no pretrained weights: the whole EfficientNet is trained from random "
+            "initialisation (a frozen random base would learn nothing)"
+        )
+    if state["epoch"] > 0:
+        return keras.models.load_model(folder / LAST_MODEL), notes
+    model = make_model(
+        options.backbone,
+        input_size=options.input_size,
+        weights=options.weights,
+        freeze_base=options.freeze_base,
+    )
+    momentum = options.batchnorm_momentum
+    if momentum is None and options.weights is None:
+        momentum = FROM_SCRATCH_BATCHNORM_MOMENTUM
+    if momentum is not None:
+        set_batchnorm_momentum(model, momentum)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        options.learning_rate, decay_steps=options.decay_steps, decay_rate=options.decay_rate
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model, notes
+
+
+def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
+    """Keras ``fit`` with one shard per epoch and the checkpoint callbacks."""
+    shards = len(run.shard_files("train"))
+    total_epochs = options.epochs * shards
+    summary_base = {"devices": devices.describe(), "notes": notes, "shards": shards}
+    if state["epoch"] >= total_epochs or state.get("stopped"):
+        return _finish(folder, options, state, summary_base, run)
+    _truncate_history(folder / HISTORY_FILE, state["epoch"])
+    train, steps = train_batches(
+        run, options.batch_size, state["epoch"], options.seed, options.online_augment
+    )
+    val, val_steps = eval_batches(run, "val", options.batch_size)
+    early = ResumableEarlyStopping(
+        state, monitor="val_accuracy", mode="max", patience=options.patience
+    )
+    callbacks = [
+        keras.callbacks.CSVLogger(str(folder / HISTORY_FILE), append=True),
+        keras.callbacks.ModelCheckpoint(
+            str(folder / BEST_MODEL),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=state["best"],
+        ),
+        early,
+        RunCheckpoint(folder, state, early, steps * options.batch_size),
+    ]
+    model.fit(
+        train,
+        steps_per_epoch=steps,
+        validation_data=val,
+        validation_steps=val_steps,
+        epochs=total_epochs,
+        initial_epoch=state["epoch"],
+        callbacks=callbacks,
+        verbose=2,
+    )
+    state["stopped"] = early.stopped_epoch > 0
+    _write_json(folder / STATE_FILE, state)
+    return _finish(folder, options, state, summary_base, run)
+
+
+def _finish(folder, options, state, summary_base, run) -> dict:
+    summary = {
+        **summary_base,
+        "epochs_run": state["epoch"],
+        "best_val_accuracy": state["best"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": bool(state.get("stopped")),
+        "train_images": run.images("train"),
+        "seconds": round(state["seconds"], 1),
+        "images_per_second": round(state.get("images_seen", 0) / max(state["seconds"], 1e-9), 2),
+        "options": asdict(options),
+    }
+    _write_json(folder / SUMMARY_FILE, summary)
+    return summary
+
+
+def _truncate_history(path: Path, epochs: int) -> None:
+    """Drop log rows of shards after the resume point (a crash can log a shard twice)."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(kept)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping that starts from the saved wait count and best value."""
+
+    def __init__(self, state: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._state = state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.wait = self._state["wait"]
+        self.best = self._state["best"]
+        self.best_epoch = self._state["best_epoch"] or 0
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After every shard: save the model with its optimizer, then the loop state."""
+
+    def __init__(self, folder: Path, state: dict, early: ResumableEarlyStopping, images: int):
+        super().__init__()
+        self._folder, self._state, self._early, self._images = folder, state, early, images
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self._state
+        state["seconds"] += time.perf_counter() - self._started
+        state["images_seen"] = state.get("images_seen", 0) + self._images
+        temp = self._folder / f".tmp-{LAST_MODEL}"
+        self.model.save(temp)
+        os.replace(temp, self._folder / LAST_MODEL)
+        value = (logs or {}).get("val_accuracy")
+        if value is not None and (state["best"] is None or value > state["best"]):
+            state["best"], state["best_epoch"] = float(value), epoch
+        state["epoch"], state["wait"] = epoch + 1, self._early.wait
+        _write_json(self._folder / STATE_FILE, state)

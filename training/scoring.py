@@ -1,0 +1,94 @@
+"""Score a prepared run's test split with a fitted model and write the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from node.result import CLASSES
+from training.evaluate import evaluate_predictions, write_report
+from training.fit import BEST_MODEL, FIT_DIR, HISTORY_FILE, LAST_MODEL
+from training.shards import PreparedRun
+
+EVALUATION_DIR = "evaluation"
+CHECKPOINTS = {"best": BEST_MODEL, "last": LAST_MODEL}
+
+
+def checkpoint_path(run: PreparedRun, checkpoint: str = "best") -> Path:
+    """The fitted model file of ``run`` (``best`` falls back to ``last`` when no validation
+    accuracy was ever recorded)."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    folder = run.folder / FIT_DIR
+    path = folder / CHECKPOINTS[checkpoint]
+    if not path.exists() and checkpoint == "best":
+        path = folder / LAST_MODEL
+    if not path.exists():
+        raise FileNotFoundError(f"{run.folder}: no fitted model (run `ainode train fit` first)")
+    return path
+
+
+def predict_split(model, run: PreparedRun, split: str, batch_size: int = 32, progress=None):
+    """Probabilities, true labels and samples.csv rows of ``split``, one shard at a time."""
+    probs, labels, rows = [], [], []
+    for shard in run.read_shards(split):
+        probs.append(model.predict(shard["images"], batch_size=batch_size, verbose=0))
+        labels.append(shard["labels"])
+        rows.append(shard["rows"])
+        if progress is not None:
+            progress(len(shard["labels"]))
+    if not probs:
+        raise ValueError(f"{run.folder}: the {split} split is empty")
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(rows)
+
+
+def evaluate_run(
+    folder: str | os.PathLike,
+    checkpoint: str = "best",
+    rule: str = "top-mean",
+    split: str = "test",
+    progress=None,
+) -> tuple[dict, list[Path]]:
+    """Evaluate the fitted model on ``split`` at slice and study level; write the report into
+    ``RUN/evaluation`` and return the result and the files written."""
+    import keras
+
+    run = PreparedRun.open(folder)
+    model_file = checkpoint_path(run, checkpoint)
+    model = keras.models.load_model(model_file, compile=False)
+    probs, labels, rows = predict_split(model, run, split, progress=progress)
+    samples = run.samples()
+    studies = [samples[row].study for row in rows]
+    result = evaluate_predictions(labels, probs, studies, CLASSES, rule)
+    result.update(
+        {
+            "split": split,
+            "model_file": model_file.name,
+            "manifest_sha256": run.info["manifest_sha256"],
+            "patients": len({samples[row].patient for row in rows}),
+        }
+    )
+    out = run.folder / EVALUATION_DIR
+    out.mkdir(exist_ok=True)
+    history = run.folder / FIT_DIR / HISTORY_FILE
+    files = write_report(
+        result,
+        out,
+        history_csv=history if history.exists() else None,
+        title=f"Evaluation of {run.folder.name} ({split} split)",
+    )
+    return result, files
+
+
+def read_evaluation(folder: str | os.PathLike) -> dict:
+    """The evaluation written by :func:`evaluate_run`."""
+    path = Path(folder) / EVALUATION_DIR / "evaluation.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{folder}: not evaluated yet (run `ainode train evaluate` first)"
+        ) from exc
