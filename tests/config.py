@@ -15,6 +15,11 @@ def _toml_value(value) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; TOML has no null: "" means none
+        items = (
+            f"{json.dumps(k)} = {_toml_value('' if v is None else v)}" for k, v in value.items()
+        )
+        return "{" + ", ".join(items) + "}"
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML string
 
 

@@ -281,7 +281,7 @@ def test_class_folders_with_a_patient_pattern(tmp_path, caplog):
     assert {s.label for s in samples} == set(CLASSES)
     c000 = [s for s in samples if s.patient == "C000"]
     assert len(c000) == 2 and {s.label for s in c000} == {"Covid_19"}
-    assert all(s.study == s.patient for s in samples)
+    assert all(s.study == f"{s.patient}/{s.label}" for s in samples)  # one study per class
     assert {s.source for s in samples} == {"folders:seed"}
 
 

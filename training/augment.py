@@ -1,9 +1,8 @@
 """Augmentation as the seed paper used it (rotation, zoom, horizontal and vertical flips).
 
-Two uses, both on the training split only: :func:`augment_image` makes the deterministic
-extra copies that balance the classes when a run is prepared, and :func:`online_augmenter`
-perturbs every training batch again while fitting. Validation and test images are never
-augmented.
+Two uses, both on the training split only: the deterministic extra copies that balance the
+classes when a run is prepared, and (``--online-augment``) fresh perturbations of every
+training batch while fitting. Validation and test images are never augmented.
 """
 
 from __future__ import annotations
@@ -69,24 +68,3 @@ def _zoom(picture: Image.Image, factor: float) -> Image.Image:
         resample=Image.Resampling.BILINEAR,
         fillcolor=0,
     )
-
-
-def online_augmenter(options: AugmentOptions, seed: int):
-    """A Keras pipeline perturbing float batches ``(n, h, w, 1)`` while training."""
-    import keras
-
-    layers = []
-    mode = "horizontal_and_vertical" if options.vertical_flip else "horizontal"
-    if options.horizontal_flip or options.vertical_flip:
-        if not options.horizontal_flip:
-            mode = "vertical"
-        layers.append(keras.layers.RandomFlip(mode, seed=seed))
-    if options.rotation_degrees:
-        layers.append(
-            keras.layers.RandomRotation(
-                options.rotation_degrees / 360, fill_mode="constant", seed=seed
-            )
-        )
-    if options.zoom:
-        layers.append(keras.layers.RandomZoom(options.zoom, fill_mode="constant", seed=seed))
-    return keras.Sequential(layers, name="online_augmentation")

@@ -72,7 +72,9 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decay-rate", type=float, default=d.decay_rate)
     parser.add_argument("--weights", help="local pretrained weights file (include_top=False)")
     parser.add_argument("--freeze-base", action="store_true", help="train only the head")
-    parser.add_argument("--no-online-augment", action="store_true")
+    parser.add_argument(
+        "--online-augment", action="store_true", help="also perturb every training batch"
+    )
     parser.add_argument("--batchnorm-momentum", type=float)
     parser.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
     parser.add_argument(
@@ -159,7 +161,7 @@ def _fit(settings, args: argparse.Namespace) -> int:
         decay_rate=args.decay_rate,
         weights=args.weights,
         freeze_base=args.freeze_base,
-        online_augment=not args.no_online_augment,
+        online_augment=args.online_augment,
         batchnorm_momentum=args.batchnorm_momentum,
         mixed_precision=args.mixed_precision,
         strategy=args.strategy,

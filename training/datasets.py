@@ -173,8 +173,9 @@ def read_class_folders(
         Holds the class folders; hidden entries and plain files beside them are ignored.
     patient_pattern
         Regular expression with one group, searched in each file name; the group is the
-        patient key. Without it every image is its own patient, and a warning is logged:
-        slices of one patient may then land in both train and test, as in the seed paper.
+        patient key; a patient's images in one class folder form one study. Without it
+        every image is its own patient and study, and a warning is logged: slices of one
+        patient may then land in both train and test, as in the seed paper.
     """
     root = Path(folder).resolve()
     pattern = _patient_regex(patient_pattern)
@@ -192,7 +193,9 @@ def read_class_folders(
             if path.suffix.lower() not in IMAGE_SUFFIXES or _hidden(relative):
                 continue
             patient = _patient_from_name(path, pattern, relative)
-            samples.append(Sample(path, label, patient, patient, f"folders:{root.name}"))
+            # A patient's images in one class folder are taken as one study of that class.
+            study = f"{patient}/{label}" if pattern is not None else patient
+            samples.append(Sample(path, label, patient, study, f"folders:{root.name}"))
     if not samples:
         raise DatasetError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images in the class folders")
     return samples

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FIT_DIR = "fit"
 OPTIONS_FILE, STATE_FILE, SUMMARY_FILE = "options.json", "state.json", "fit.json"
 LAST_MODEL, BEST_MODEL, HISTORY_FILE = "last.keras", "best.keras", "history.csv"
+BACKBONE_WEIGHTS = "backbone.weights.h5"  # extracted when fine-tuning from a trained model
 # Keras' 0.99 leaves a from-scratch model's moving statistics near their initial values after
 # a few hundred steps, so inference (which uses them) collapses to one class.
 FROM_SCRATCH_BATCHNORM_MOMENTUM = 0.9
@@ -140,7 +141,7 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
 
 def _model(folder: Path, options: FitOptions, state: dict):
     """The model to train: the resume point, or a new compiled one."""
-    from training.model import make_model, set_batchnorm_momentum
+    from training.model import backbone_weights, make_model, set_batchnorm_momentum
 
     notes = []
     if options.weights is None:
@@ -148,12 +149,17 @@ def _model(folder: Path, options: FitOptions, state: dict):
             "no pretrained weights: the whole EfficientNet is trained from random "
             "initialisation (a frozen random base would learn nothing)"
         )
+    else:
+        notes.append(f"backbone initialised from {Path(options.weights).name}")
     if state["epoch"] > 0:
         return keras.models.load_model(folder / LAST_MODEL), notes
+    weights = None
+    if options.weights is not None:
+        weights = backbone_weights(options.weights, options.backbone, folder / BACKBONE_WEIGHTS)
     model = make_model(
         options.backbone,
         input_size=options.input_size,
-        weights=options.weights,
+        weights=weights,
         freeze_base=options.freeze_base,
     )
     momentum = options.batchnorm_momentum

@@ -130,3 +130,28 @@ def set_batchnorm_momentum(layer, momentum: float) -> None:
         layer.momentum = momentum
     for inner in getattr(layer, "layers", ()):
         set_batchnorm_momentum(inner, momentum)
+
+
+def backbone_weights(source: str | os.PathLike, backbone: str, out: str | os.PathLike) -> Path:
+    """A weights file ``make_model(weights=...)`` can load, from ``source``.
+
+    ``source`` is such a file already (returned as is), or a trained model to start from: a
+    model bundle folder or a ``.keras`` file, whose backbone weights are written to ``out``.
+    Fine-tuning the node's current model on new labels starts this way.
+    """
+    source = Path(source)
+    if source.is_dir():
+        source = source / "model.keras"
+    if source.suffix != ".keras":
+        return source
+    if not source.is_file():
+        raise FileNotFoundError(f"no model file {source}")
+    model = keras.models.load_model(source, compile=False)
+    bases = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    expected = backbone.lower()
+    if len(bases) != 1 or bases[0].name != expected:
+        found = ", ".join(layer.name for layer in bases) or "none"
+        raise ValueError(f"{source}: its backbone is {found}, not {expected}")
+    out = Path(out)
+    bases[0].save_weights(out)
+    return out

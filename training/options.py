@@ -20,7 +20,7 @@ class FitOptions:
     decay_rate: float = 0.96
     weights: str | None = None
     freeze_base: bool = False
-    online_augment: bool = True
+    online_augment: bool = False  # the seed augmented offline only (balancing copies)
     batchnorm_momentum: float | None = None  # None: 0.9 from scratch, Keras' own otherwise
     mixed_precision: str = "auto"  # auto | on | off
     strategy: str = "auto"  # auto | default | mirrored | multiworker

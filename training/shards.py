@@ -73,11 +73,25 @@ def load_image(sample: Sample, size: int, crop: bool = True) -> np.ndarray:
             picture = picture.convert("L")
             if crop and sample.box is not None:
                 picture = picture.crop(sample.box)
-            if picture.size != (size, size):
-                picture = picture.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(picture, dtype=np.uint8)
+            image = np.asarray(picture, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise PrepareError(f"{sample.path}: not a readable image ({exc})") from exc
+    return resize_like_the_model(image, size)
+
+
+def resize_like_the_model(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` at ``(size, size)`` by the model's own resize (bilinear, no antialiasing).
+
+    The model resizes whatever it is given with Keras' ``Resizing``; an image made smaller
+    another way (PIL's antialiased filter, say) has a different texture at the same size, and
+    a model trained on it reads the node's slices worse.
+    """
+    if image.shape == (size, size):
+        return image
+    import tensorflow as tf
+
+    resized = tf.image.resize(image[..., np.newaxis], (size, size), method="bilinear")
+    return np.clip(np.round(resized.numpy()[..., 0]), 0, 255).astype(np.uint8)
 
 
 def plan_split(samples: list[Sample], rows: list[int], balance: bool, seed: int) -> list[Entry]:
