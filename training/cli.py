@@ -38,6 +38,7 @@ def register(sub) -> dict:
     reg.add_argument("--description", default="")
     reg.add_argument("--checkpoint", choices=["best", "last"], default="best")
     reg.add_argument("--activate", action="store_true", help="also make it the active model")
+    reg.add_argument("--out", type=Path, help="write the bundle here instead of the registry")
     return {"train": cmd_train}
 
 
@@ -206,8 +207,11 @@ def _register(settings, args: argparse.Namespace) -> int:
         demo=args.demo,
         description=args.description,
         checkpoint=args.checkpoint,
+        out=args.out,
     )
     print(f"registered {args.name}:{args.version} at {folder}")
+    if args.out is not None:
+        return 0
     if args.activate:
         from node import registry
         from node.service import build_node

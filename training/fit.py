@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -213,7 +214,7 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
         epochs=total_epochs,
         initial_epoch=state["epoch"],
         callbacks=callbacks,
-        verbose=2,
+        verbose=1 if sys.stdout.isatty() else 2,  # a progress bar for people, lines for logs
     )
     state["stopped"] = early.stopped_epoch > 0
     _write_json(folder / STATE_FILE, state)

@@ -73,8 +73,10 @@ def register_run(
     demo: bool = False,
     description: str = "",
     checkpoint: str = "best",
+    out: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the run's model as ``models_dir/NAME/VERSION`` (model.keras + model.json)."""
+    """Write the run's model as ``models_dir/NAME/VERSION`` (model.keras + model.json), or
+    into ``out`` (replacing a bundle there) when given."""
     import keras
     import tensorflow as tf
 
@@ -112,4 +114,6 @@ def register_run(
         description=description or f"{options['backbone']} from {weights}, run {run.folder.name}",
     )
     model = keras.models.load_model(model_file, compile=False)
+    if out is not None:
+        return write_bundle(model, info, out, overwrite=True)
     return write_bundle(model, info, Path(models_dir) / name / version)

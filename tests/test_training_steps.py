@@ -1,0 +1,178 @@
+"""Training steps one by one: shards, balancing, augmentation, fit options and resumption
+rules, devices, registration names; bad inputs get the message the user sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from node.cli import main
+from node.result import CLASSES
+from training import devices
+from training.augment import AugmentOptions, augment_image
+from training.fit import FitError, _start_state
+from training.options import FitOptions
+from training.register import check_component
+from training.samples import Sample
+from training.shards import (
+    PreparedRun,
+    PrepareError,
+    PrepareOptions,
+    _shard_sizes,
+    plan_split,
+    prepare,
+)
+
+
+def make_samples(root: Path, per_class: dict[str, int], patients: int = 6) -> list[Sample]:
+    """Random 48 x 48 PNGs, ``per_class`` images each, spread over ``patients`` patients; the
+    first two patients are val and test, the rest train."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for label, count in per_class.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = root / label / f"{i}.png"
+            Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(path)
+            patient = f"p{i % patients}"
+            split = {"p0": "val", "p1": "test"}.get(patient, "train")
+            samples.append(Sample(path, label, patient, f"{patient}/{label}", "t", split=split))
+    return samples
+
+
+@pytest.fixture
+def samples(tmp_path) -> list[Sample]:
+    return make_samples(tmp_path / "images", {"Covid_19": 12, "Normal": 30, "Pneumonia": 18})
+
+
+def test_prepare_balances_train_only_and_keeps_shards_small(samples, tmp_path):
+    info = prepare(samples, tmp_path / "run", PrepareOptions(image_size=32, shard_size=25))
+    run = PreparedRun.open(tmp_path / "run")
+    train = list(run.read_shards("train"))
+    assert all(len(s["labels"]) <= 25 for s in train) and len(train) == len(
+        run.shard_files("train")
+    )
+    counts = np.bincount(np.concatenate([s["labels"] for s in train]), minlength=3)
+    assert counts.tolist() == [20, 20, 20]  # Normal has 20 training images; the others catch up
+    assert info["shards"]["train"][0]["augmented"] + info["shards"]["train"][1]["augmented"] > 0
+    for split in ("val", "test"):
+        images = sum(len(s["labels"]) for s in run.read_shards(split))
+        assert images == sum(1 for s in samples if s.split == split)  # nothing added or lost
+        assert not any(s["augmented"].any() for s in run.read_shards(split))
+    assert info["counts"]["train"] == {"Covid_19": 8, "Normal": 20, "Pneumonia": 12}
+    assert len(info["manifest_sha256"]) == 64
+
+
+def test_augmented_copies_differ_from_their_original_and_are_reproducible():
+    image = np.zeros((64, 64), np.uint8)
+    image[10:30, 20:50] = 200
+    first = augment_image(image, np.random.default_rng(3), AugmentOptions())
+    again = augment_image(image, np.random.default_rng(3), AugmentOptions())
+    assert first.shape == image.shape and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, image)
+
+
+def test_balancing_plan_adds_copies_of_the_smaller_classes(samples):
+    rows = [i for i, s in enumerate(samples) if s.split == "train"]
+    entries = plan_split(samples, rows, balance=True, seed=0)
+    by_class = {name: 0 for name in CLASSES}
+    for entry in entries:
+        by_class[samples[entry.row].label] += 1
+    assert set(by_class.values()) == {20}
+    assert {e.row for e in entries} == set(rows)  # every original is in
+    assert plan_split(samples, rows, balance=True, seed=0) == entries  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("total", "size", "expected"),
+    [(10, 4, [4, 3, 3]), (8, 8, [8]), (0, 5, [0]), (9, 2, [2] * 4 + [1])],
+)
+def test_shards_are_as_even_as_possible(total, size, expected):
+    assert sorted(_shard_sizes(total, size), reverse=True) == sorted(expected, reverse=True)
+    assert sum(_shard_sizes(total, size)) == total
+
+
+def test_prepare_refuses_bad_sample_sets(samples, tmp_path):
+    no_split = [Sample(s.path, s.label, s.patient, s.study, s.source) for s in samples]
+    with pytest.raises(PrepareError, match="60 samples have no split"):
+        prepare(no_split, tmp_path / "a")
+    leak = [*samples, samples[0].with_split("test")]  # p0 is in val already
+    with pytest.raises(PrepareError, match="patient p0 is in both val and test"):
+        prepare(leak, tmp_path / "b")
+    no_train = [s for s in samples if s.split != "train"]
+    with pytest.raises(PrepareError, match="the train split is empty"):
+        prepare(no_train, tmp_path / "c")
+    broken = samples[0].path.with_name("broken.png")
+    broken.write_bytes(b"not a png")
+    bad = [Sample(broken, "Covid_19", "p9", "p9", "t", split="train"), *samples]
+    with pytest.raises(PrepareError, match="broken.png: not a readable image"):
+        prepare(bad, tmp_path / "d", PrepareOptions(image_size=32))
+    prepare(samples, tmp_path / "e", PrepareOptions(image_size=32))
+    with pytest.raises(PrepareError, match="already a prepared run"):
+        prepare(samples, tmp_path / "e", PrepareOptions(image_size=32))
+
+
+def test_a_folder_that_is_not_a_run_says_what_to_do(tmp_path, capsys):
+    assert main(["train", "fit", str(tmp_path)]) == 2
+    assert "no prepare.json (run `ainode train prepare` first)" in capsys.readouterr().err
+
+
+def test_prepare_without_sources_is_refused(tmp_path, capsys):
+    assert main(["train", "prepare", "--out", str(tmp_path / "run")]) == 2
+    assert "no images: give at least one --export, --folders or --covidx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"patience": -1}, "patience must be >= 0"),
+        ({"learning_rate": 0.0}, "learning_rate must be in"),
+        ({"decay_rate": 1.5}, "decay_rate in"),
+    ],
+)
+def test_fit_options_are_checked(changes, message):
+    with pytest.raises(ValueError, match=message):
+        FitOptions(**changes)
+
+
+def test_resuming_with_other_options_is_refused_until_restart(tmp_path):
+    folder = tmp_path / "fit"
+    state = _start_state(folder, FitOptions(input_size=64), restart=False)
+    assert state["epoch"] == 0
+    (folder / "state.json").write_text(json.dumps({**state, "epoch": 2}))
+    (folder / "last.keras").write_bytes(b"checkpoint")
+    assert _start_state(folder, FitOptions(input_size=64, epochs=20), restart=False)["epoch"] == 2
+    with pytest.raises(FitError, match=r"other options \(input_size\).*--restart"):
+        _start_state(folder, FitOptions(input_size=96), restart=False)
+    assert _start_state(folder, FitOptions(input_size=96), restart=True)["epoch"] == 0
+    assert not (folder / "last.keras").exists()
+
+
+def test_devices_fall_back_to_float32_on_one_cpu():
+    chosen = devices.resolve_devices("auto", "auto")
+    assert (chosen.gpus, chosen.policy, chosen.strategy_name) == (0, "float32", "default")
+    asked = devices.resolve_devices("on", "auto")
+    assert asked.policy == "float32"
+    assert asked.notes == ["mixed precision asked for but no GPU is visible: training in float32"]
+
+
+def test_devices_use_mixed_precision_and_mirroring_where_gpus_are(monkeypatch):
+    # No GPU on this machine: the list of visible GPUs is the hardware that is not there.
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["GPU:0", "GPU:1"])
+    chosen = devices.resolve_devices("auto", "auto")
+    assert (chosen.gpus, chosen.policy, chosen.strategy_name) == (2, "mixed_float16", "mirrored")
+    assert devices.resolve_devices("off", "default").policy == "float32"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        devices.resolve_devices("auto", "tpu")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "-dash", "x" * 65, "a..b"])
+def test_registry_names_must_be_one_safe_folder(name):
+    with pytest.raises(ValueError, match="use 1-64 letters"):
+        check_component("name", name)
