@@ -388,12 +388,17 @@ def _check_model(model, info: ModelInfo, where: Path | str) -> None:
 
 def _mixed_precision_copy(model):
     """The same model computing in float16 (outputs stay float32), with the same weights."""
-    outputs = set(model.output_names)
+    return _policy_copy(model, "mixed_float16")
+
+
+def _policy_copy(model, policy: str):
+    """The same model, weights and all, with every layer but the outputs on ``policy``."""
+    outputs = set(model.output_names) if policy != "float32" else set()
 
     def convert(node: Any, layer: str | None = None) -> Any:
         if isinstance(node, dict):
             if node.get("class_name") == "DTypePolicy" and layer not in outputs:
-                return {**node, "config": {**node["config"], "name": "mixed_float16"}}
+                return {**node, "config": {**node["config"], "name": policy}}
             layer = node.get("name", layer) if "class_name" in node else layer
             return {key: convert(value, layer) for key, value in node.items()}
         if isinstance(node, list):
@@ -457,7 +462,7 @@ def write_bundle(
 
     The bundle is built in a temporary folder beside ``folder``, loaded back and checked, then
     renamed into place, so a reader sees the old bundle or the new one, never half of one. The
-    model is saved without its optimizer state.
+    model is saved in float32 without its optimizer state.
     """
     if not isinstance(info, ModelInfo):
         raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
@@ -469,9 +474,9 @@ def write_bundle(
     temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         temp.chmod(0o755)
-        bare = model.__class__.from_config(model.get_config())  # no optimizer, no compile state
-        bare.set_weights(model.get_weights())
-        bare.save(temp / MODEL_FILE)
+        # No optimizer, no compile state, and float32 whatever the model was trained in (a
+        # mixed-precision run on GPUs): the node chooses its own precision when it loads.
+        _policy_copy(model, "float32").save(temp / MODEL_FILE)
         info.to_json(temp / INFO_FILE)
         ModelBundle.load(temp)  # proves the written files are a valid bundle
         _keep_other_files(folder, temp)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from node import phantom
 from node.bundle import ModelInfo
-from node.db import Analysis, Report
+from node.db import Analysis, Report, Study, make_engine
 from node.report import read_sr_summary
 from tests.config import write_config
 from tests.conftest import orthanc_peer
@@ -69,13 +69,13 @@ def studies(config: Path) -> list[dict]:
     return json.loads(out)
 
 
-def wait_until(condition, timeout: float, what: str, logs=lambda: ""):
+def wait_until(condition, timeout: float, what: str, logs=lambda: "", every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}\n{logs()}")
 
 
@@ -190,6 +190,12 @@ def rows(settings, model) -> list:
         node.close()
 
 
+def study_statuses(engine) -> list[str]:
+    """The lifecycle status of every study, read straight from the node's database."""
+    with engine.connect() as connection:
+        return list(connection.scalars(select(Study.status)))
+
+
 def analyses(settings) -> list[Analysis]:
     return rows(settings, Analysis)
 
@@ -210,12 +216,19 @@ def test_worker_killed_mid_analysis_the_study_completes_once_after_restart(
         procs.start("worker", "worker")
         wait_for_port("127.0.0.1", settings.dicom_port, 60)
         study_uid, _files = push_phantom(orthanc, tmp_path, slices=60, seed=24)
-        wait_until(
-            lambda: any(s["status"] == "analyzing" for s in studies(config)),
-            180,
-            "analysis to start",
-            procs.logs,
-        )
+        # The worker loads its model before it claims the study, so "analyzing" lasts only
+        # as long as inference (a few seconds): watch the database itself, closely.
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            wait_until(
+                lambda: study_statuses(engine) == ["analyzing"],
+                180,
+                "analysis to start",
+                procs.logs,
+                every=0.05,
+            )
+        finally:
+            engine.dispose()
         procs.kill("worker")
         procs.start("worker2", "worker")
         [sr] = wait_until(lambda: sr_in_orthanc(orthanc, study_uid), 240, "SR", procs.logs)

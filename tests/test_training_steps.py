@@ -176,3 +176,26 @@ def test_devices_use_mixed_precision_and_mirroring_where_gpus_are(monkeypatch):
 def test_registry_names_must_be_one_safe_folder(name):
     with pytest.raises(ValueError, match="use 1-64 letters"):
         check_component("name", name)
+
+
+def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
+    import dataclasses
+
+    import keras
+
+    from node.bundle import ModelBundle, ModelInfo, write_bundle
+    from training.model import make_model
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = make_model("EfficientNetB0", input_size=32)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.get_layer("efficientnetb0").dtype_policy.name == "mixed_float16"
+    demo = ModelInfo.from_json(Path(__file__).parent.parent / "node/models/demo/model.json")
+    info = dataclasses.replace(demo, name="mixed", input_size=32, backbone="EfficientNetB0")
+    bundle = ModelBundle.load(write_bundle(mixed, info, tmp_path / "bundle"))
+    policies = {layer.dtype_policy.name for layer in bundle.model.layers}
+    assert policies == {"float32"}  # the node, not the training run, picks the precision
+    slices = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    np.testing.assert_allclose(bundle.predict(slices), mixed.predict(slices[..., None]), atol=2e-2)
