@@ -124,15 +124,27 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         flush=True,
     )
     worker = _start_worker(args) if with_worker else None
+    web = _start_web(settings, node) if analysis and settings.web_port else None
     try:
         dispatch = Dispatcher(node, make_celery(settings)) if analysis else None
         serve(node, stop, dispatch=dispatch)
     finally:
+        if web is not None:
+            web.stop()
         if worker is not None:
             worker.terminate()
             worker.wait(30)
         node.close()
     return 0
+
+
+def _start_web(settings: Settings, node):
+    """The web UI beside the SCP (``web_port = 0`` turns it off)."""
+    from webui.server import WebServer
+
+    web = WebServer(settings, node).start()
+    print(f"web UI: http://{settings.web_host}:{web.port}/", flush=True)
+    return web
 
 
 def _redacted(url: str) -> str:

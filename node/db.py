@@ -77,7 +77,7 @@ class Study(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
-    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
     study_time: Mapped[str | None] = mapped_column(String(16))
     accession_number: Mapped[str | None] = mapped_column(String(16))
     study_description: Mapped[str | None] = mapped_column(String(64))
@@ -87,7 +87,7 @@ class Study(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0)
     series_count: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -245,6 +245,101 @@ class ModelActivation(Base):
     version: Mapped[str] = mapped_column(String(64))
     activated_by: Mapped[str] = mapped_column(String(128))
     activated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class UserRole(enum.StrEnum):
+    """What a web UI user may do: radiologists review and label, admins also manage."""
+
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who signs in to the web UI (password stored only as a salted hash)."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    full_name: Mapped[str] = mapped_column(String(128), default="")
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), default=UserRole.RADIOLOGIST)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Who did what, when: every label, verdict, export and re-send (visible to admins)."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("study.id", ondelete="SET NULL"), index=True
+    )
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Verdict(Base):
+    """A radiologist's agreement with, or correction of, an analysis result."""
+
+    __tablename__ = "verdict"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    analysis_id: Mapped[int | None] = mapped_column(
+        ForeignKey("analysis.id", ondelete="SET NULL"), index=True
+    )
+    username: Mapped[str] = mapped_column(String(64))
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    corrected_class: Mapped[str | None] = mapped_column(String(32))
+    comment: Mapped[str] = mapped_column(String(1024), default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class KeywordClass(Base):
+    """An admin's keyword → training class mapping (overrides Settings.keyword_classes when
+    any row exists); ``class_name`` None excludes the study from exports."""
+
+    __tablename__ = "keyword_class"
+
+    keyword: Mapped[str] = mapped_column(String(64), primary_key=True)
+    class_name: Mapped[str | None] = mapped_column(String(32))
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExportStatus(enum.StrEnum):
+    """An export job run from the web UI."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportJob(Base):
+    """One export of labelled studies, run in the background, with progress and counts."""
+
+    __tablename__ = "export_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=ExportStatus.QUEUED, index=True)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    folder: Mapped[str | None] = mapped_column(String(1024))
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 def make_engine(url: str) -> Engine:

@@ -16,9 +16,9 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,12 @@ from sqlalchemy import select
 from node import __version__, imaging
 from node.analysis import AnalysisError, AnalysisOptions, eligible_series, windowed_lung_slices
 from node.db import Instance, Label, Series, Study
-from node.labels import LabelConflict, check_keyword, classify_keywords
+from node.labels import (
+    LabelConflict,
+    check_keyword,
+    classify_keywords,
+    effective_keyword_classes,
+)
 from node.pipeline import analysis_options
 from node.result import CLASSES
 from node.settings import Settings
@@ -134,13 +139,16 @@ def _create_salt_file(path: Path) -> None:
 
 @dataclass(frozen=True)
 class _Filter:
-    """Which labels select a study for export (all when both are None)."""
+    """Which labels select a study for export (all when every field is None)."""
 
     keywords: frozenset[str] | None
     since: datetime | None
+    until: datetime | None = None  # exclusive
 
     def selects(self, label: Label) -> bool:
         if self.keywords is not None and label.keyword.casefold() not in self.keywords:
+            return False
+        if self.until is not None and label.created_at >= self.until:
             return False
         return self.since is None or label.created_at >= self.since
 
@@ -166,6 +174,7 @@ def export_bundle(
     keywords: Sequence[str] | None = None,
     since: date | datetime | None = None,
     progress: Progress | None = None,
+    until: date | datetime | None = None,
 ) -> ExportSummary:
     """Export the node's labelled studies as a new bundle folder ``out_dir``.
 
@@ -182,6 +191,8 @@ def export_bundle(
         Only studies labelled at or after this date (UTC midnight) or time.
     progress
         Called after each study with (done, total).
+    until
+        Only studies labelled before the end of this date (UTC) or before this time.
 
     A study is exported by its full labels once a label selects it. Its class comes from
     the labels of the series inference evaluates when that series has a class or exclude
@@ -199,13 +210,16 @@ def export_bundle(
     selection = _Filter(
         frozenset(k.casefold() for k in wanted) if wanted is not None else None,
         _as_utc(since),
+        _end_utc(until),
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.partial"
     temp.mkdir()
     try:
-        summary = _write_bundle(node, temp, selection, progress)
-        info = _export_info(node.settings, summary, wanted, since)
+        with node.session_factory() as session:
+            mapping = effective_keyword_classes(node.settings, session)  # one for the bundle
+        summary = _write_bundle(node, temp, selection, mapping, progress)
+        info = _export_info(node.settings, mapping, summary, wanted, (since, until))
         _write_text(temp / "export.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above; replace cannot take a folder's place
@@ -225,8 +239,19 @@ def _as_utc(since: date | datetime | None) -> datetime | None:
     return since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
 
 
+def _end_utc(until: date | datetime | None) -> datetime | None:
+    """The exclusive end of ``until``: the next UTC midnight for a date."""
+    if until is not None and not isinstance(until, datetime):
+        return datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC)
+    return _as_utc(until)
+
+
 def _write_bundle(
-    node: Node, folder: Path, selection: _Filter, progress: Progress | None
+    node: Node,
+    folder: Path,
+    selection: _Filter,
+    mapping: Mapping[str, str | None],
+    progress: Progress | None,
 ) -> ExportSummary:
     """Write the images and the manifest of every selected study into ``folder``."""
     keys = Pseudonymizer(export_salt(node.settings))
@@ -237,7 +262,7 @@ def _write_bundle(
     studies = _selected_studies(node, selection)
     for done, (study_uid, labels) in enumerate(studies, start=1):
         try:
-            chosen = _study_slices(node, study_uid, labels, options)
+            chosen = _study_slices(node, study_uid, labels, options, mapping)
         except _Skip as skip:
             summary.skipped.append({"study": keys.key(study_uid), "reason": str(skip)})
         else:
@@ -272,7 +297,11 @@ def _selected_studies(node: Node, selection: _Filter) -> list[tuple[str, list[La
 
 
 def _study_slices(
-    node: Node, study_uid: str, labels: list[Label], options: AnalysisOptions
+    node: Node,
+    study_uid: str,
+    labels: list[Label],
+    options: AnalysisOptions,
+    mapping: Mapping[str, str | None],
 ) -> _Slices:
     """The label and lung slices of a study, or :class:`_Skip` saying why it has none."""
     with node.session_factory() as session:
@@ -285,7 +314,7 @@ def _study_slices(
         ).all()
     series_ids = {series_uid: series_id for _key, series_id, series_uid in instances}
     if not any(label.series_id is not None for label in labels):
-        _label(labels, None, node.settings)  # skip excluded studies before reading pixels
+        _label(labels, None, mapping)  # skip excluded studies before reading pixels
     try:
         datasets, _ = eligible_series([node.store.path(key) for key, *_ in instances])
     except AnalysisError:
@@ -293,7 +322,7 @@ def _study_slices(
     except (InvalidDicomError, OSError):
         raise _Skip("stored instance files cannot be read") from None
     series_id = series_ids[str(datasets[0].SeriesInstanceUID)]
-    label, keyword = _label(labels, series_id, node.settings)
+    label, keyword = _label(labels, series_id, mapping)
     try:
         frames, pixels = windowed_lung_slices(datasets, options)
     except AnalysisError:
@@ -303,9 +332,10 @@ def _study_slices(
     return _Slices(label, keyword, datasets, frames, pixels)
 
 
-def _label(labels: list[Label], series_id: int | None, settings: Settings) -> tuple[str, str]:
+def _label(
+    labels: list[Label], series_id: int | None, mapping: Mapping[str, str | None]
+) -> tuple[str, str]:
     """(class, keyword) for a series: its own labels when they decide, else the study's."""
-    mapping = settings.keyword_classes
     on_series = [x.keyword for x in labels if series_id is not None and x.series_id == series_id]
     on_study = [x.keyword for x in labels if x.series_id is None]
     try:
@@ -382,11 +412,13 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 def _export_info(
     settings: Settings,
+    mapping: Mapping[str, str | None],
     summary: ExportSummary,
     keywords: list[str] | None,
-    since: date | datetime | None,
+    labelled: tuple[date | datetime | None, date | datetime | None],
 ) -> dict:
-    """The contents of export.json."""
+    """The contents of export.json (``labelled``: the since and until of the labels)."""
+    since, until = labelled
     return {
         "format": FORMAT,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -394,7 +426,8 @@ def _export_info(
         "preprocessing_version": imaging.PREPROCESSING_VERSION,
         "keywords": keywords,
         "since": since.isoformat() if since is not None else None,
-        "keyword_classes": dict(settings.keyword_classes),
+        "until": until.isoformat() if until is not None else None,
+        "keyword_classes": dict(mapping),
         "window": {"center": settings.window_center, "width": settings.window_width},
         "counts": {
             "images": dict(summary.images),

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import Label, Series, Study, utcnow
+from node.db import KeywordClass, Label, Series, Study, utcnow
+
+if TYPE_CHECKING:
+    from node.settings import Settings
 
 KEYWORD_MAX_LENGTH = 64
 CREATED_BY_MAX_LENGTH = 128
@@ -54,6 +58,15 @@ def check_keyword(keyword: object) -> str:
             f"keyword must not contain control characters or line breaks, got {keyword!r}"
         )
     return stripped
+
+
+def effective_keyword_classes(settings: Settings, session: Session) -> dict[str, str | None]:
+    """The keyword → class mapping in force: the admins' :class:`~node.db.KeywordClass` rows
+    when any exist, else ``Settings.keyword_classes`` (a class of None excludes)."""
+    rows = session.scalars(select(KeywordClass).order_by(KeywordClass.keyword)).all()
+    if rows:
+        return {row.keyword: row.class_name for row in rows}
+    return dict(settings.keyword_classes)
 
 
 def canonical_keyword(keyword: str, keyword_classes: Mapping[str, str | None]) -> str:

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     )
     models_dir: Path | None = None
     export_salt: str | None = Field(None, min_length=16)
+    # web UI
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=0, le=65535)  # 0: no web UI
+    web_secret_key: str | None = Field(None, min_length=32)
+    web_secure_cookies: bool = True
+    web_threads: int = Field(8, ge=1, le=64)
     # reports
     report_peer: str | None = None
     report_method: str = Field("dimse", pattern="^(dimse|stow)$")

@@ -14,6 +14,8 @@ from node.service import Node, build_node
 from node.settings import Peer, Settings
 from tests.peers import OrthancServer, PostgresServer, free_port, start_orthanc, start_postgres
 
+pytest_plugins = ["tests.webui"]  # web UI app and signed-in client fixtures
+
 TEST_CALLING_AES = ["STORESCU", "TESTSCU", "ECHOSCU", "ORTHANC"]
 
 
@@ -50,6 +52,7 @@ def make_settings(tmp_path):
             "allowed_calling_aes": TEST_CALLING_AES,
             "min_free_disk_mb": 0,
             "study_stable_seconds": 2,
+            "web_port": 0,  # the web UI tests choose their own port
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,1 +1,103 @@
-"""Radiologist web UI (Flask), built in its own issue."""
+"""Radiologist web UI (Flask): worklist, study review, labels, exports, upload-and-classify.
+
+``create_app(settings)`` builds the app on the node's settings, database and store; one
+blueprint per area. Everything it serves is local (no CDN): the node's machines have no
+internet.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Flask, g, render_template
+from flask_wtf.csrf import CSRFProtect
+
+from node.service import Node, build_node
+from node.settings import Settings
+
+csrf = CSRFProtect()
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+def create_app(settings: Settings, test_config: dict | None = None, node: Node | None = None):
+    """The web UI on ``settings`` (database, store, models); ``test_config`` overrides Flask
+    configuration (tests), ``node`` reuses an already built node."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=_secret_key(settings),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.web_secure_cookies,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SECURE=settings.web_secure_cookies,
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES,
+        WTF_CSRF_TIME_LIMIT=None,  # the session's own lifetime bounds the token
+    )
+    if test_config:
+        app.config.update(test_config)
+    app.extensions["ainode_node"] = node or build_node(settings)
+    app.extensions["ainode_settings"] = settings
+    csrf.init_app(app)
+
+    from webui import admin, auth, exports, labels, study, upload, worklist
+
+    auth.init_app(app)
+    for blueprint in (
+        auth.bp,
+        worklist.bp,
+        study.bp,
+        labels.bp,
+        exports.bp,
+        upload.bp,
+        admin.bp,
+    ):
+        app.register_blueprint(blueprint)
+    _error_pages(app)
+    app.teardown_appcontext(_close_session)
+    return app
+
+
+def _close_session(_exc) -> None:
+    opened = g.pop("db_session", None)
+    if opened is not None:
+        opened.close()
+
+
+def _secret_key(settings: Settings) -> str:
+    """The session signing key: configured, or generated once into the data folder."""
+    if settings.web_secret_key:
+        return settings.web_secret_key
+    path = Path(settings.data_dir) / "web_secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(".web_secret_key.tmp")
+        temp.write_text(secrets.token_urlsafe(48), encoding="utf-8")
+        temp.chmod(0o600)
+        temp.replace(path)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _error_pages(app: Flask) -> None:
+    for code in (400, 403, 404, 405, 413):
+
+        @app.errorhandler(code)
+        def error(exc, code=code):
+            message = getattr(exc, "description", "") or ""
+            return render_template("error.html", code=code, message=message), code
+
+
+def node() -> Node:
+    """The node (database, store, settings) of the running app."""
+    from flask import current_app
+
+    return current_app.extensions["ainode_node"]
+
+
+def session():
+    """A database session for this request, closed when the request ends."""
+    if "db_session" not in g:
+        g.db_session = node().session_factory()
+    return g.db_session

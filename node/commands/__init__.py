@@ -6,6 +6,6 @@ Each module exposes ``register(subparsers) -> {command: handler}``, the same pro
 
 from __future__ import annotations
 
-from node.commands import labels, models
+from node.commands import labels, models, users
 
-GROUPS: list = [models.register, labels.register]
+GROUPS: list = [models.register, labels.register, users.register]

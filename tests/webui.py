@@ -1,0 +1,70 @@
+"""Web UI test helpers: an app on a migrated node with one user per role, signed-in clients."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from node import users
+from node.service import build_node
+
+PASSWORDS = {"radiologist": "radiologist-pass-1", "admin": "admin-pass-123"}
+USERNAMES = {"radiologist": "dr.rad", "admin": "ad.min"}
+
+
+def csrf_token(html: str) -> str:
+    """The CSRF token a page carries (meta tag or hidden form field)."""
+    match = re.search(r'name="csrf[-_]token"[^>]*(?:content|value)="([^"]+)"', html)
+    assert match, "page has no CSRF token"
+    return match.group(1)
+
+
+def sign_in(client, role: str):
+    """Sign ``client`` in as the test user of ``role``; returns the client."""
+    token = csrf_token(client.get("/login").text)
+    answer = client.post(
+        "/login",
+        data={"csrf_token": token, "username": USERNAMES[role], "password": PASSWORDS[role]},
+    )
+    assert answer.status_code == 302, answer.text
+    return client
+
+
+@pytest.fixture
+def web_node(make_settings):
+    """A migrated node with a radiologist and an admin account."""
+    settings = make_settings(web_secure_cookies=False)
+    node = build_node(settings, migrate=True)
+    with node.session_factory() as session:
+        for role, name in USERNAMES.items():
+            users.add_user(session, name, PASSWORDS[role], role, full_name=f"Test {role}")
+        session.commit()
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def app(web_node):
+    """The Flask app on ``web_node``."""
+    from webui import create_app
+
+    return create_app(web_node.settings, {"TESTING": True}, node=web_node)
+
+
+@pytest.fixture
+def client(app):
+    """A signed-in radiologist."""
+    return sign_in(app.test_client(), "radiologist")
+
+
+@pytest.fixture
+def admin_client(app):
+    """A signed-in admin."""
+    return sign_in(app.test_client(), "admin")
+
+
+@pytest.fixture
+def anonymous(app):
+    """Nobody signed in."""
+    return app.test_client()

@@ -1,0 +1,54 @@
+"""Shared parts of the study pages: the study and its latest result, reading a post and
+answering it (a flash and the study page, or JSON)."""
+
+from __future__ import annotations
+
+from flask import abort, flash, jsonify, redirect, request, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db import Analysis, AnalysisStatus, Report, Study
+
+
+def find_study(db: Session, study_id: int) -> Study:
+    """The study with this database id, or a 404 page naming it."""
+    study = db.get(Study, study_id)
+    if study is None:
+        abort(404, f"Study {study_id} doesn't exist.")
+    return study
+
+
+def latest_analysis(db: Session, study_id: int, done: bool = False) -> Analysis | None:
+    """The newest analysis of a study (the newest finished one with ``done``)."""
+    query = select(Analysis).where(Analysis.study_id == study_id)
+    if done:
+        query = query.where(Analysis.status == AnalysisStatus.DONE)
+    return db.scalars(query.order_by(Analysis.id.desc()).limit(1)).first()
+
+
+def latest_report(db: Session, analysis: Analysis | None) -> Report | None:
+    """The newest SR of an analysis."""
+    if analysis is None:
+        return None
+    return db.scalars(
+        select(Report).where(Report.analysis_id == analysis.id).order_by(Report.id.desc()).limit(1)
+    ).first()
+
+
+def posted_fields() -> dict:
+    """The fields of a form post or of a JSON object body."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(400, "The request body must be a JSON object.")
+        return body
+    return request.form.to_dict()
+
+
+def answer(study_id: int, message: str, category: str = "info", anchor: str | None = None):
+    """Tell the user what happened: JSON for a JSON post, else a flash and the study page."""
+    ok = category != "error"
+    if request.is_json:
+        return jsonify(ok=ok, message=message), 200 if ok else 400
+    flash(message, category)
+    return redirect(url_for("study.view", study_id=study_id, _anchor=anchor), code=303)

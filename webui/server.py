@@ -1,0 +1,40 @@
+"""The web UI's production WSGI server (waitress), run beside the SCP by ``ainode serve``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from waitress.server import create_server
+
+from node.service import Node
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class WebServer:
+    """Waitress serving the web UI in a background thread."""
+
+    def __init__(self, settings: Settings, node: Node) -> None:
+        from webui import create_app
+
+        self.app = create_app(settings, node=node)
+        self._server = create_server(
+            self.app,
+            host=settings.web_host,
+            port=settings.web_port,
+            threads=settings.web_threads,
+            ident="ainode",
+        )
+        self.port = self._server.effective_port
+        self._thread = threading.Thread(target=self._server.run, name="web-ui", daemon=True)
+
+    def start(self) -> WebServer:
+        self._thread.start()
+        log.info("web UI on http://%s:%s/", self._server.effective_host, self.port)
+        return self
+
+    def stop(self) -> None:
+        self._server.close()
+        self._thread.join(10)

@@ -1,0 +1,121 @@
+// Upload & classify: show the chosen image, post it (CSRF header), show the model's answer.
+"use strict";
+(() => {
+  const form = document.getElementById("upload-form");
+  if (!form) return;
+  const input = document.getElementById("upload-file");
+  const zone = document.getElementById("drop-zone");
+  const button = document.getElementById("upload-recognise");
+  const message = document.getElementById("upload-message");
+  const figure = document.getElementById("upload-figure");
+  const image = document.getElementById("upload-image");
+  const answerBox = document.getElementById("upload-answer");
+  const maxBytes = Number(form.dataset.maxBytes) || 0;
+  let chosen = null;
+  let shownUrl = null;
+
+  const showError = (text) => { message.textContent = text || ""; message.hidden = !text; };
+  const isPicture = (file) => ["image/png", "image/jpeg"].includes(file.type)
+    || /\.(png|jpe?g)$/i.test(file.name);
+
+  function show(blob, name) {
+    if (shownUrl) URL.revokeObjectURL(shownUrl);
+    shownUrl = URL.createObjectURL(blob);
+    image.src = shownUrl;
+    document.getElementById("upload-name").textContent = name;
+    figure.hidden = false;
+  }
+
+  async function post(url, file, extra) {
+    const data = new FormData();
+    data.append("file", file, file.name);
+    for (const [key, value] of Object.entries(extra || {})) data.append(key, value);
+    const answer = await fetch(url, {
+      method: "POST", credentials: "same-origin", body: data,
+      headers: {"X-CSRFToken": window.ainode.csrf(), "X-Requested-With": "fetch"},
+    });
+    if (!answer.ok) {
+      let body = {};
+      try { body = await answer.json(); } catch (_) { body = {}; }
+      throw new Error(body.error || `The server answered ${answer.status}.`);
+    }
+    return answer;
+  }
+
+  async function choose(file) {
+    showError("");
+    answerBox.hidden = true;
+    figure.hidden = true;
+    chosen = null;
+    button.disabled = true;
+    if (!file) return;
+    if (file.size === 0) { showError("The file is empty."); return; }
+    if (maxBytes && file.size > maxBytes) {
+      showError(`The file is too large: at most ${form.dataset.maxSize} may be uploaded.`);
+      return;
+    }
+    chosen = file;
+    button.disabled = false;
+    try {
+      if (isPicture(file)) show(file, file.name);
+      else show(await (await post(form.dataset.previewUrl, file)).blob(), file.name);
+    } catch (error) {
+      showError(error.message);
+    }
+  }
+
+  function showAnswer(result) {
+    const name = document.getElementById("upload-class");
+    name.textContent = result.predicted_class;
+    name.className = `class-${result.predicted_class}`;
+    const model = result.model;
+    document.getElementById("upload-model").textContent =
+      `${model.name}:${model.version}${model.demo ? " — DEMO, not for clinical use" : ""}`
+      + ` · ${result.slices} slice${result.slices === 1 ? "" : "s"} (${result.kind})`;
+    const rows = document.querySelector("#upload-probabilities tbody");
+    rows.replaceChildren();
+    for (const cls of result.classes) {
+      const p = result.probabilities[cls];
+      const row = document.createElement("tr");
+      const label = document.createElement("td");
+      label.textContent = cls;
+      label.className = `class-${cls}`;
+      const value = document.createElement("td");
+      value.textContent = `${(100 * p).toFixed(1)} %`;
+      const barCell = document.createElement("td");
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.style.width = `${Math.round(100 * p)}%`;
+      barCell.append(bar);
+      row.append(label, value, barCell);
+      rows.append(row);
+    }
+    document.getElementById("upload-kept").textContent =
+      result.kept ? `Kept on the node as ${result.kept}.` : "Not stored on the node.";
+    answerBox.hidden = false;
+  }
+
+  input.addEventListener("change", () => choose(input.files[0]));
+  zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("dragging"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    choose(event.dataTransfer.files[0]);
+  });
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!chosen) return;
+    showError("");
+    button.disabled = true;
+    try {
+      const keep = document.getElementById("upload-keep").checked ? {keep: "1"} : {};
+      showAnswer(await (await post(form.dataset.classifyUrl, chosen, keep)).json());
+    } catch (error) {
+      showError(error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+})();

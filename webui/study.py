@@ -1,0 +1,247 @@
+"""Study review: header, slice viewer, the result and its SR delivery, radiologists' verdicts."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    make_response,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import current_user, login_required
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db import Analysis, Report, ReportStatus, Verdict, utcnow
+from node.imaging import ImagingError
+from node.labels import effective_keyword_classes, labels_of
+from node.result import CLASSES, ModelIdentity
+from webui import audit, node, session, viewer
+from webui.review import (
+    answer,
+    find_study,
+    latest_analysis,
+    latest_report,
+    posted_fields,
+)
+
+log = logging.getLogger(__name__)
+bp = Blueprint("study", __name__)
+VERDICT_COMMENT_MAX_LENGTH = 1024
+SLICE_MAX_AGE = 24 * 3600  # a slice URL carries the slice list's version, so it may be kept
+
+
+def _slice_cache() -> viewer.SliceListCache:
+    return current_app.extensions.setdefault("ainode_slice_lists", viewer.SliceListCache())
+
+
+@bp.context_processor
+def _formatting() -> dict:
+    def utc_time(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "—"
+
+    def dicom_date(value: str | None) -> str:
+        if value and len(value) == 8 and value.isdigit():
+            return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+        return value or "—"
+
+    return {"utc_time": utc_time, "dicom_date": dicom_date}
+
+
+# --------------------------------------------------------------------------- pages
+
+
+@bp.route("/studies/<int:study_id>")
+@login_required
+def view(study_id: int):
+    db = session()
+    study = find_study(db, study_id)
+    result = latest_analysis(db, study_id, done=True)
+    attempt = latest_analysis(db, study_id)
+    slices = viewer.slice_list(node(), db, study, result, _slice_cache())
+    settings = node().settings
+    page = render_template(
+        "study.html",
+        study=study,
+        result=result,
+        attempt=attempt if attempt is not None and attempt is not result else None,
+        model=_model(result),
+        classes=CLASSES,
+        report=latest_report(db, result),
+        destination=settings.report_destination,
+        verdicts=db.scalars(
+            select(Verdict)
+            .where(Verdict.study_id == study_id)
+            .order_by(Verdict.at.desc(), Verdict.id.desc())
+        ).all(),
+        labels=labels_of(db, study_id),
+        keywords=list(effective_keyword_classes(settings, db)),
+        slices=slices,
+        viewer_data={
+            "count": len(slices.slices),
+            "url": url_for("study.slice_png", study_id=study_id, n=0).rsplit("/", 1)[0],
+            "version": slices.version,
+            "strip": viewer.strip_values(slices, result),
+            "strip_classes": list(viewer.STRIP_CLASSES),
+        },
+    )
+    response = make_response(page)
+    response.headers["Cache-Control"] = "private, no-store"  # patient data
+    return response
+
+
+def _model(result: Analysis | None) -> ModelIdentity | None:
+    if result is None:
+        return None
+    return ModelIdentity(result.model_name, result.model_version, demo=result.model_demo)
+
+
+@bp.route("/studies/<int:study_id>/slices/<int:n>.png")
+@login_required
+def slice_png(study_id: int, n: int):
+    """Slice ``n`` (0 = the most cranial) of the viewer's series, windowed, as PNG."""
+    db = session()
+    study = find_study(db, study_id)
+    result = latest_analysis(db, study_id, done=True)
+    slices = viewer.slice_list(node(), db, study, result, _slice_cache())
+    if slices.problem is not None:
+        abort(404, f"Study {study_id} has no slices to show: {slices.problem}.")
+    if n >= len(slices.slices):
+        abort(404, f"Study {study_id} has no slice {n} ({len(slices.slices)} slices to show).")
+    try:
+        window = viewer.window_from_args(request.args)
+    except ValueError as exc:
+        abort(400, str(exc))
+    etag = viewer.etag_for(slices, n, window)
+    if request.if_none_match.contains(etag):
+        response = Response(status=304)
+    else:
+        try:
+            png = viewer.render_slice(node(), slices.slices[n], window)
+        except (ImagingError, OSError) as exc:
+            log.warning("study %d slice %d cannot be shown: %s", study_id, n, exc)
+            abort(500, f"Slice {n} of study {study_id} cannot be shown: {exc}")
+        response = Response(png, mimetype="image/png")
+    response.set_etag(etag)
+    current = request.args.get("v") == slices.version
+    response.headers["Cache-Control"] = (
+        f"private, max-age={SLICE_MAX_AGE}" if current else "private, no-cache"
+    )
+    return response
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@bp.post("/studies/<int:study_id>/verdict")
+@login_required
+def verdict(study_id: int):
+    """Agree with the latest result, or correct it to another class (optional comment)."""
+    db = session()
+    find_study(db, study_id)
+    result = latest_analysis(db, study_id, done=True)
+    if result is None:
+        abort(400, f"Study {study_id} has no result to agree with or correct.")
+    fields = posted_fields()
+    choice, comment = fields.get("verdict"), fields.get("comment") or ""
+    if choice != "agree" and choice not in CLASSES:
+        abort(400, f"verdict must be agree or one of {', '.join(CLASSES)}, got {choice!r}")
+    if choice == result.predicted_class:
+        abort(400, f"{choice} is the predicted class: use Agree.")
+    if not isinstance(comment, str) or len(comment.strip()) > VERDICT_COMMENT_MAX_LENGTH:
+        abort(400, f"comment must be text of at most {VERDICT_COMMENT_MAX_LENGTH} characters.")
+    agrees = choice == "agree"
+    row = Verdict(
+        study_id=study_id,
+        analysis_id=result.id,
+        username=current_user.username,
+        agrees=agrees,
+        corrected_class=None if agrees else choice,
+        comment=comment.strip(),
+        at=utcnow(),
+    )
+    db.add(row)
+    db.flush()
+    audit.record(
+        db,
+        current_user.username,
+        "verdict",
+        study_id,
+        verdict_id=row.id,
+        analysis_id=result.id,
+        agrees=agrees,
+        corrected_class=row.corrected_class,
+        comment=row.comment,
+    )
+    db.commit()
+    message = "Agreement recorded." if agrees else f"Correction to {choice} recorded."
+    return answer(study_id, message, anchor="result")
+
+
+@bp.post("/studies/<int:study_id>/report/resend")
+@login_required
+def resend_report(study_id: int):
+    """Send the result's SR again: the report goes back to pending, due at the next sweep.
+
+    The node's own dispatcher (``node.pipeline.due_work``) hands it to the report queue,
+    so the web UI never talks to the broker; delivery keeps the SR's UIDs, so a PACS
+    that has it already just receives the same instance again.
+    """
+    db = session()
+    find_study(db, study_id)
+    result = latest_analysis(db, study_id, done=True)
+    if result is None:
+        abort(400, f"Study {study_id} has no result to report.")
+    report = latest_report(db, result)
+    previous = report.status if report is not None else None
+    if report is None:
+        report = _new_report(db, result)
+    settings = node().settings
+    report.status = ReportStatus.PENDING
+    report.retries = 0
+    report.last_error = None
+    report.sent_at = None
+    # due_work hands out pending reports whose retry time is requeue_after old (its guard
+    # against doubling a task already queued); a re-send asked for now is due now.
+    report.next_retry_at = utcnow() - timedelta(seconds=settings.requeue_after_seconds)
+    db.flush()
+    audit.record(
+        db,
+        current_user.username,
+        "resend_report",
+        study_id,
+        report_id=report.id,
+        sop_instance_uid=report.sop_instance_uid,
+        destination=report.destination,
+        previous_status=previous,
+    )
+    db.commit()
+    return answer(
+        study_id, f"The report will be sent to {report.destination} again shortly.", anchor="sr"
+    )
+
+
+def _new_report(db: Session, result: Analysis) -> Report:
+    """A report for a result that has none (no destination was configured when it was made)."""
+    destination = node().settings.report_destination
+    if destination is None:
+        abort(400, "No report destination is configured (set report_peer, or one peer).")
+    report = Report(
+        analysis_id=result.id,
+        sop_instance_uid=generate_uid(),
+        series_instance_uid=generate_uid(),
+        destination=destination.name,
+        method=node().settings.report_method,
+        status=ReportStatus.PENDING,
+        retries=0,
+    )
+    db.add(report)
+    return report

@@ -1,0 +1,204 @@
+"""The study viewer's slices: which series is shown, in which order, and one slice as a PNG.
+
+The viewer shows the series inference evaluates (:func:`node.analysis.eligible_series`, or
+the series of the latest result's slices), head first, one entry per frame. Building that
+list reads every instance header, so it is kept per study until the study or its result
+changes. Store keys come from the database only, never from a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node import imaging
+from node.analysis import AnalysisError, eligible_series
+from node.db import Analysis, Instance, Series, Study
+from node.service import Node
+
+HU_LIMIT = 32768.0  # beyond any stored CT value (16-bit signed)
+WINDOW_CHOICES = ("lung", "mediastinum", "custom")
+STRIP_CLASSES = ("Covid_19", "Pneumonia")
+CACHED_STUDIES = 16
+
+
+@dataclass(frozen=True)
+class ViewerSlice:
+    """One displayed slice: a frame (0-based) of a stored instance."""
+
+    sop_instance_uid: str
+    store_key: str
+    frame: int
+    multi_frame: bool
+
+    @property
+    def prediction_key(self) -> tuple[str, int | None]:
+        """How a SlicePrediction names this slice (frame None for single-frame instances)."""
+        return self.sop_instance_uid, self.frame if self.multi_frame else None
+
+
+@dataclass(frozen=True)
+class SliceList:
+    """The slices a study's viewer shows, head first; ``problem`` says why there are none."""
+
+    slices: tuple[ViewerSlice, ...]
+    version: str
+    problem: str | None = None
+
+
+class SliceListCache:
+    """The last few studies' slice lists, keyed by what would change them."""
+
+    def __init__(self, size: int = CACHED_STUDIES) -> None:
+        self._entries: OrderedDict[tuple, SliceList] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> SliceList | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, value: SliceList) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+def slice_list(
+    node: Node, session: Session, study: Study, analysis: Analysis | None, cache: SliceListCache
+) -> SliceList:
+    """The viewer's slices of ``study`` (cached until new instances or a new result)."""
+    key = (
+        study.id,
+        study.instance_count,
+        study.last_received_at.isoformat(),
+        analysis.id if analysis is not None else None,
+    )
+    found = cache.get(key)
+    if found is None:
+        version = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+        found = _build_slice_list(node, session, study.id, analysis, version)
+        if found.problem is None:  # a file unreadable now may be readable on the next look
+            cache.put(key, found)
+    return found
+
+
+def _build_slice_list(
+    node: Node, session: Session, study_id: int, analysis: Analysis | None, version: str
+) -> SliceList:
+    query = select(Instance.sop_instance_uid, Instance.store_key).join(
+        Series, Instance.series_id == Series.id
+    )
+    evaluated = _evaluated_series_id(session, analysis)
+    if evaluated is not None:
+        query = query.where(Series.id == evaluated)
+    else:
+        query = query.where(Series.study_id == study_id)
+    keys = dict(session.execute(query.order_by(Instance.id)).all())
+    if not keys:
+        return SliceList((), version, "no instances stored")
+    try:
+        datasets, _skipped = eligible_series([node.store.path(key) for key in keys.values()])
+    except AnalysisError as exc:
+        return SliceList((), version, str(exc))
+    except OSError as exc:
+        return SliceList((), version, f"cannot read the stored instances: {exc.strerror or exc}")
+    slices = []
+    for ds in datasets:
+        uid = str(ds.SOPInstanceUID)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        slices.extend(ViewerSlice(uid, keys[uid], frame, frames > 1) for frame in range(frames))
+    return SliceList(tuple(slices), version)
+
+
+def _evaluated_series_id(session: Session, analysis: Analysis | None) -> int | None:
+    """The series the result's slices come from (None without a result)."""
+    if analysis is None or not analysis.slices:
+        return None
+    return session.scalars(
+        select(Instance.series_id).where(
+            Instance.sop_instance_uid == analysis.slices[0].sop_instance_uid
+        )
+    ).first()
+
+
+def strip_values(slices: SliceList, analysis: Analysis | None) -> list[list[float] | None]:
+    """Per displayed slice its [Covid_19, Pneumonia] probabilities, None where not evaluated."""
+    if analysis is None:
+        return [None] * len(slices.slices)
+    by_slice = {(row.sop_instance_uid, row.frame): row.probabilities for row in analysis.slices}
+    values: list[list[float] | None] = []
+    for item in slices.slices:
+        probabilities = by_slice.get(item.prediction_key)
+        values.append(
+            None
+            if probabilities is None
+            else [round(float(probabilities.get(name, 0.0)), 4) for name in STRIP_CLASSES]
+        )
+    return values
+
+
+def window_from_args(args: Mapping[str, str]) -> imaging.Window:
+    """The display window a request asks for (``window`` preset, or custom C/W in HU).
+
+    Raises
+    ------
+    ValueError
+        Naming the bad parameter and the value it got.
+    """
+    name = args.get("window", "lung")
+    if name in imaging.PRESETS:
+        return imaging.PRESETS[name]
+    if name != "custom":
+        raise ValueError(f"window must be one of {', '.join(WINDOW_CHOICES)}, got {name!r}")
+    center, width = _number(args, "center"), _number(args, "width")
+    if not -HU_LIMIT <= center <= HU_LIMIT:
+        raise ValueError(
+            f"center must be between {-HU_LIMIT:g} and {HU_LIMIT:g} HU, got {args['center']!r}"
+        )
+    if width <= 0:
+        raise ValueError(f"width must be greater than 0 HU, got {args['width']!r}")
+    if width > 2 * HU_LIMIT:
+        raise ValueError(f"width must be at most {2 * HU_LIMIT:g} HU, got {args['width']!r}")
+    return imaging.Window(center, width)
+
+
+def _number(args: Mapping[str, str], name: str) -> float:
+    text = args.get(name)
+    if text is None or not text.strip():
+        raise ValueError(f"a custom window needs {name} (HU)")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of HU, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of HU, got {text!r}")
+    return value
+
+
+def render_slice(node: Node, item: ViewerSlice, window: imaging.Window) -> bytes:
+    """One slice windowed to 8-bit and encoded as PNG.
+
+    Raises :class:`node.imaging.ImagingError` or ``OSError`` when the file cannot be shown.
+    """
+    ds = dcmread(node.store.path(item.store_key))
+    return imaging.to_png_bytes(imaging.windowed_slices(ds, window)[item.frame])
+
+
+def etag_for(slices: SliceList, index: int, window: imaging.Window) -> str:
+    """A validator for one rendered slice: the slice list, the slice and the window."""
+    text = f"{slices.version}/{index}/{window.center!r}/{window.width!r}"
+    return hashlib.sha256((text + imaging.PREPROCESSING_VERSION).encode()).hexdigest()[:24]
