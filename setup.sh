@@ -37,7 +37,7 @@ run)
     ;;
 test)
     shift
-    apt_install python3-venv dcmtk orthanc orthanc-dicomweb postgresql redis-server
+    apt_install python3-venv dcmtk orthanc orthanc-dicomweb postgresql redis-server chromium
     venv ".[test]"
     .venv/bin/ruff format --check .
     .venv/bin/ruff check .

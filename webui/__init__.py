@@ -7,11 +7,12 @@ internet.
 
 from __future__ import annotations
 
+import io
 import secrets
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, g, render_template
+from flask import Flask, Request, g, render_template
 from flask_wtf.csrf import CSRFProtect
 
 from node.service import Node, build_node
@@ -21,10 +22,19 @@ csrf = CSRFProtect()
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
+class InMemoryUploadRequest(Request):
+    """Uploads stay in memory (bounded by MAX_CONTENT_LENGTH): nothing uploaded touches the
+    disk unless the user asks to keep it."""
+
+    def _get_file_stream(self, *args, **kwargs):
+        return io.BytesIO()
+
+
 def create_app(settings: Settings, test_config: dict | None = None, node: Node | None = None):
     """The web UI on ``settings`` (database, store, models); ``test_config`` overrides Flask
     configuration (tests), ``node`` reuses an already built node."""
     app = Flask(__name__)
+    app.request_class = InMemoryUploadRequest
     app.config.update(
         SECRET_KEY=_secret_key(settings),
         SESSION_COOKIE_HTTPONLY=True,
