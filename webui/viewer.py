@@ -195,7 +195,8 @@ def render_slice(node: Node, item: ViewerSlice, window: imaging.Window) -> bytes
     Raises :class:`node.imaging.ImagingError` or ``OSError`` when the file cannot be shown.
     """
     ds = dcmread(node.store.path(item.store_key))
-    return imaging.to_png_bytes(imaging.windowed_slices(ds, window)[item.frame])
+    pixels = imaging.windowed_slices(ds, window)[item.frame]
+    return imaging.to_png_bytes(pixels, compress_level=1)  # served while scrolling
 
 
 def etag_for(slices: SliceList, index: int, window: imaging.Window) -> str:
