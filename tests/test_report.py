@@ -28,7 +28,7 @@ from node.settings import Peer
 from tests.conftest import orthanc_peer
 from tests.peers import free_port, start_orthanc
 
-DEMO_MODEL = ModelIdentity("ainode-demo-phantom", "0.2.0", demo=True)
+DEMO_MODEL = ModelIdentity("ainode-demo-phantom", "0.1.0", demo=True)
 OBSERVER = DeviceObserver(
     uid="2.25.147690549933150919621629165827312306498",
     name="AINODE",
