@@ -97,6 +97,8 @@ def test_a_radiologist_reviews_labels_exports_and_classifies_in_chromium(running
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
         try:
             page.goto(url + "/")
             expect(page).to_have_url(re.compile(r"/login"))
@@ -105,6 +107,9 @@ def test_a_radiologist_reviews_labels_exports_and_classifies_in_chromium(running
             page.click("button[type=submit]")
             expect(page.locator("body")).to_contain_text("Dr Browser")
             expect(page.locator("body")).to_contain_text("Covid_19")  # the worker's answer
+            with page.expect_response(re.compile(r"/worklist\.json"), timeout=15_000) as poll:
+                pass  # the page refreshes statuses on its own, without a reload
+            assert poll.value.ok and poll.value.json()["rows"][0]["status"] == "analyzed"
             shot(page, "1-worklist")
 
             page.locator("a[href^='/studies/']").first.click()
@@ -143,6 +148,7 @@ def test_a_radiologist_reviews_labels_exports_and_classifies_in_chromium(running
             assert answer in ("Covid_19", "Normal", "Pneumonia")
         finally:
             browser.close()
+    assert errors == []  # no script failed on any page
     for name in ("1-worklist", "2-study", "3-agreed-and-tagged", "4-export", "5-upload"):
         with Image.open(ARTIFACTS / f"{name}.png") as image:
             assert image.width >= 1000 and image.height >= 500
