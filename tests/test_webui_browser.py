@@ -4,7 +4,6 @@ agree → tag COVID → export → upload and classify. Screenshots go to test-a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from playwright.sync_api import expect, sync_playwright
 from node import imaging, phantom
 from tests.config import write_config
 from tests.peers import free_port, storescu, wait_for_port
+from tests.test_analysis_e2e import studies
 
 ARTIFACTS = Path(os.environ.get("AINODE_TEST_ARTIFACTS", "test-artifacts")) / "browser"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -31,16 +31,6 @@ def chromium_path() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     assert found, "Debian package chromium is missing (./setup.sh test installs it)"
     return found
-
-
-def studies(config: Path) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "studies", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 @pytest.fixture
