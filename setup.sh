@@ -38,7 +38,7 @@ run)
 test)
     shift
     apt_install python3-venv dcmtk orthanc orthanc-dicomweb postgresql redis-server chromium
-    venv ".[test]"
+    venv ".[test,lite]"
     .venv/bin/ruff format --check .
     .venv/bin/ruff check .
     export TCP_NODELAY=1 TF_CPP_MIN_LOG_LEVEL=2

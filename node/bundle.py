@@ -143,6 +143,7 @@ class ModelInfo:
     created_at: str
     demo: bool = False
     description: str = ""
+    weights: dict = dataclasses.field(default_factory=dict)  # origin and SHA-256 of the start
 
     def __post_init__(self) -> None:
         for name, check in _FIELD_CHECKS.items():
@@ -160,8 +161,14 @@ class ModelInfo:
             raise BundleError(f"{path}: not readable JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{path}: must hold a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data))
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
         if unknown or missing:
             raise BundleError(f"{path}: unknown fields {unknown}, missing fields {missing}")
         try:
@@ -195,6 +202,7 @@ _FIELD_CHECKS = {
     "created_at": _created_at,
     "demo": _flag,
     "description": _string,
+    "weights": _json_dict,
 }
 
 

@@ -88,7 +88,7 @@ def trained(labelled_node):
     ainode(
         settings, root, "train", "fit", str(run), "--backbone", "EfficientNetB0",
         "--input-size", "96", "--weights", str(DEMO), "--freeze-base", "--batch-size", "32",
-        "--epochs", "3", "--patience", "4", "--lr", "1e-3", "--decay-steps", "50",
+        "--epochs", "8", "--patience", "8", "--lr", "1e-3", "--decay-steps", "50",
     )  # fmt: skip
     fit_seconds = time.perf_counter() - started
     ainode(settings, root, "train", "evaluate", str(run))

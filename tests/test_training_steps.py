@@ -225,3 +225,34 @@ def test_validation_scores_the_whole_validation_split_every_shard(samples, tmp_p
         scores = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
     assert len(scores) == len(run.shard_files("train")) >= 2
     assert scores == pytest.approx([expected] * len(scores), abs=1e-6)
+
+
+def test_lite0_starts_from_the_shipped_imagenet_weights_by_default():
+    import json
+
+    from training.lite import efficientnet_lite
+    from training.model import WEIGHTS_DIR, make_model, weights_origin
+
+    model = make_model("EfficientNetLite0", input_size=64, freeze_base=True)  # allowed: pretrained
+    notop = WEIGHTS_DIR / "efficientnet-lite0_notop.weights.h5"
+    reference = efficientnet_lite("lite0", include_top=False, input_shape=(64, 64, 3),
+                                  pooling="avg", weights=str(notop))  # fmt: skip
+    grey = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+    rgb = np.repeat(grey.astype("float32"), 3, axis=-1)
+    base = model.get_layer("efficientnetlite0")
+    np.testing.assert_allclose(base.predict(rgb, verbose=0), reference.predict(rgb, verbose=0),
+                               atol=1e-5)  # fmt: skip
+    assert model.predict(grey, verbose=0).shape == (2, 3)
+    random = make_model("EfficientNetLite0", input_size=64, weights="random")
+    assert not np.allclose(
+        random.get_layer("efficientnetlite0").get_weights()[0],
+        model.get_layer("efficientnetlite0").get_weights()[0],
+    )
+    origin = weights_origin("EfficientNetLite0", None)
+    provenance = json.loads((WEIGHTS_DIR / "efficientnet-lite0.provenance.json").read_text())
+    assert origin["sha256"] == provenance["weights_notop"]["sha256"]
+    assert origin["source_sha256"] == provenance["source"]["sha256"]
+    assert "ImageNet" in origin["origin"]
+    assert weights_origin("EfficientNetB0", None) == {"origin": "random initialisation"}
+    with pytest.raises(ValueError, match="freeze_base=True with weights=None"):
+        make_model("EfficientNetB0", input_size=64, freeze_base=True)

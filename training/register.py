@@ -112,6 +112,7 @@ def register_run(
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         demo=demo,
         description=description or f"{options['backbone']} from {weights}, run {run.folder.name}",
+        weights=fit_summary.get("weights", {}),
     )
     model = keras.models.load_model(model_file, compile=False)
     if out is not None:
