@@ -26,15 +26,15 @@ from training.samples import read_samples
 from training.shards import PreparedRun, resize_like_the_model
 
 DEMO = Path(__file__).resolve().parent.parent / "node" / "models" / "demo"
-PATIENT_SEEDS = range(3000, 3016)  # patients never seen by the demo model (seeds 1000..1053)
+PATIENT_SEEDS = range(3000, 3024)  # patients never seen by the demo model (seeds 1000..1053)
 FINDINGS = {"covid": "COVID", "normal": "Normal", "pneumonia": "Pneumonia"}
 ROWS = 512
 
 
 @pytest.fixture(scope="module")
 def labelled_node(tmp_path_factory):
-    """A node holding 16 phantom patients with one study per class each, labelled by
-    keyword the way a radiologist does (3 x 16 = 48 studies)."""
+    """A node holding 24 phantom patients with one study per class each, labelled by
+    keyword the way a radiologist does (3 x 24 = 72 studies)."""
     root = tmp_path_factory.mktemp("training-node")
     settings = Settings(data_dir=root / "data", min_free_disk_mb=0)
     node = build_node(settings, migrate=True)
