@@ -3,6 +3,7 @@ rules, devices, registration names; bad inputs get the message the user sees."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -256,3 +257,73 @@ def test_lite0_starts_from_the_shipped_imagenet_weights_by_default():
     assert weights_origin("EfficientNetB0", None) == {"origin": "random initialisation"}
     with pytest.raises(ValueError, match="freeze_base=True with weights=None"):
         make_model("EfficientNetB0", input_size=64, freeze_base=True)
+
+
+def test_fine_tuning_unfreezes_only_the_top_blocks_and_keeps_batchnorm_frozen():
+    import keras
+
+    from training.model import make_model, unfreeze_top_blocks
+
+    for backbone, weights, first, last in [
+        ("EfficientNetLite0", None, "blocks_14", "blocks_15"),  # the shipped ImageNet weights
+        ("EfficientNetB0", "random", "block6d", "block7a"),
+    ]:
+        model = make_model(backbone, input_size=32, weights=weights, freeze_base=weights is None)
+        chosen = unfreeze_top_blocks(model, 2)
+        base = model.get_layer(backbone.lower())
+        assert chosen == [first, last]
+        trainable = {layer.name for layer in base.layers if layer.trainable and layer.weights}
+        assert trainable and all(
+            name.startswith((first, last, "top_", "conv_head")) for name in trainable
+        )
+        assert not any(
+            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+            for layer in base.layers
+        )
+        stem = base.get_layer("conv_stem" if "Lite" in backbone else "stem_conv")
+        assert not stem.trainable
+        with pytest.raises(ValueError, match="blocks must be in 1.."):
+            unfreeze_top_blocks(model, 99)
+
+
+def test_fine_tuning_stage_trains_the_top_blocks_at_a_lower_rate_and_resumes(samples, tmp_path):
+    """Head stage on the frozen ImageNet Lite0, then two top blocks; the stem never moves,
+    the top blocks do, and a longer second call resumes in the fine-tuning stage."""
+    import csv
+
+    import keras
+
+    from training.fit import fit
+    from training.model import make_model
+
+    prepare(samples, tmp_path / "run", PrepareOptions(image_size=32, shard_size=30))
+    shards = len(PreparedRun.open(tmp_path / "run").shard_files("train"))
+    options = FitOptions(
+        backbone="EfficientNetLite0", input_size=32, batch_size=8, epochs=1, patience=99,
+        learning_rate=1e-3, freeze_base=True, fine_tune_blocks=2, fine_tune_epochs=1,
+        fine_tune_lr=1e-4, seed=1,
+    )  # fmt: skip
+    summary = fit(tmp_path / "run", options)
+    tuned = summary["fine_tune"]
+    assert tuned["from_epoch"] == shards and tuned["blocks"] == ["blocks_14", "blocks_15"]
+    assert summary["epochs_run"] == 2 * shards
+    assert any("top 2 block(s)" in note for note in summary["notes"])
+    start = make_model("EfficientNetLite0", input_size=32).get_layer("efficientnetlite0")
+    last = keras.models.load_model(tmp_path / "run" / "fit" / "last.keras")
+    base = last.get_layer("efficientnetlite0")
+    for name, moved in [("conv_stem", False), ("blocks_3_project_conv", False),
+                        ("blocks_15_project_conv", True), ("conv_head", True)]:  # fmt: skip
+        before, after = (
+            start.get_layer(name).get_weights()[0],
+            base.get_layer(name).get_weights()[0],
+        )
+        assert (not np.array_equal(before, after)) == moved, name
+    assert sum(int(np.prod(w.shape)) for w in last.trainable_weights) == tuned["trainable_weights"]
+
+    longer = fit(tmp_path / "run", dataclasses.replace(options, fine_tune_epochs=2))
+    assert longer["epochs_run"] == 3 * shards and longer["fine_tune"] == tuned
+    with open(tmp_path / "run" / "fit" / "history.csv", newline="") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == list(range(3 * shards))
+    with pytest.raises(ValueError, match="fine_tune_blocks follows a head-only stage"):
+        FitOptions(fine_tune_blocks=2)

@@ -74,6 +74,14 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="local pretrained weights file (include_top=False)")
     parser.add_argument("--freeze-base", action="store_true", help="train only the head")
     parser.add_argument(
+        "--fine-tune-blocks",
+        type=int,
+        default=d.fine_tune_blocks,
+        help="after the head stage, also train the backbone's top N blocks",
+    )
+    parser.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs)
+    parser.add_argument("--fine-tune-lr", type=float, default=d.fine_tune_lr)
+    parser.add_argument(
         "--online-augment", action="store_true", help="also perturb every training batch"
     )
     parser.add_argument("--batchnorm-momentum", type=float)
@@ -162,6 +170,9 @@ def _fit(settings, args: argparse.Namespace) -> int:
         decay_rate=args.decay_rate,
         weights=args.weights,
         freeze_base=args.freeze_base,
+        fine_tune_blocks=args.fine_tune_blocks,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_lr=args.fine_tune_lr,
         online_augment=args.online_augment,
         batchnorm_momentum=args.batchnorm_momentum,
         mixed_precision=args.mixed_precision,
@@ -177,6 +188,12 @@ def _fit(settings, args: argparse.Namespace) -> int:
         f"{summary['devices']['policy']}); best val_accuracy {summary['best_val_accuracy']}"
         + (" (stopped early)" if summary["stopped_early"] else "")
     )
+    if summary["fine_tune"]:
+        tuned = summary["fine_tune"]
+        print(
+            f"fine-tuned {', '.join(tuned['blocks'])} from shard {tuned['from_epoch']} "
+            f"at {tuned['learning_rate']:g} ({tuned['trainable_weights']} weights)"
+        )
     return 0
 
 

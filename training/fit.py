@@ -8,6 +8,13 @@ is killed resumes at the next shard with the same learning-rate schedule.
 Files in ``RUN/fit/``: ``options.json``, ``state.json``, ``last.keras`` (resume point),
 ``best.keras`` (best validation accuracy), ``history.csv`` (one row per shard), ``fit.json``
 (the summary, written when the run ends).
+
+With a frozen pretrained base (``freeze_base``) the fit can go on in a second stage, as the
+seed paper and the Keras transfer-learning guide describe: the best head-stage model gets its
+backbone's top ``fine_tune_blocks`` blocks unfrozen (batch norm stays frozen) and trains for
+``fine_tune_epochs`` more passes at ``fine_tune_lr``. Epoch numbers, ``history.csv``,
+``best.keras`` and early stopping carry on across the stages; a killed run resumes in the
+stage it was in.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from training.shards import PreparedRun
 log = logging.getLogger(__name__)
 
 FIT_DIR = "fit"
+HEAD_STAGE, FINE_TUNE_STAGE = "head", "fine-tune"
 OPTIONS_FILE, STATE_FILE, SUMMARY_FILE = "options.json", "state.json", "fit.json"
 LAST_MODEL, BEST_MODEL, HISTORY_FILE = "last.keras", "best.keras", "history.csv"
 BACKBONE_WEIGHTS = "backbone.weights.h5"  # extracted when fine-tuning from a trained model
@@ -156,6 +164,7 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
         return state
     _write_json(folder / OPTIONS_FILE, asdict(options))
     return {
+        "stage": HEAD_STAGE,
         "epoch": 0,
         "best": None,
         "wait": 0,
@@ -184,6 +193,14 @@ def _model(folder: Path, options: FitOptions, state: dict):
     else:
         origin = weights_origin(options.backbone, _weights_file(options, folder))
         notes.append(f"backbone initialised from {origin['origin']}")
+        if options.freeze_base:
+            notes.append("the head trains on the frozen pretrained backbone")
+        if options.fine_tune_blocks:
+            notes.append(
+                f"then the backbone's top {options.fine_tune_blocks} block(s) train on at "
+                f"{options.fine_tune_lr:g} for up to {options.fine_tune_epochs} pass(es), "
+                "batch norm kept frozen"
+            )
     if state["epoch"] > 0:
         return keras.models.load_model(folder / LAST_MODEL), notes
     weights = _weights_file(options, folder)
@@ -198,14 +215,7 @@ def _model(folder: Path, options: FitOptions, state: dict):
         momentum = FROM_SCRATCH_BATCHNORM_MOMENTUM
     if momentum is not None:
         set_batchnorm_momentum(model, momentum)
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        options.learning_rate, decay_steps=options.decay_steps, decay_rate=options.decay_rate
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    _compile(model, options.learning_rate, options)
     return model, notes
 
 
@@ -222,9 +232,8 @@ def _weights_file(options: FitOptions, folder: Path):
 
 
 def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
-    """Keras ``fit`` with one shard per epoch and the checkpoint callbacks."""
+    """The head stage (or the whole fit), then the fine-tuning stage when one is asked for."""
     shards = len(run.shard_files("train"))
-    total_epochs = options.epochs * shards
     from training.model import weights_origin
 
     summary_base = {
@@ -233,8 +242,67 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
         "shards": shards,
         "weights": weights_origin(options.backbone, _weights_file(options, folder)),
     }
-    if state["epoch"] >= total_epochs or state.get("stopped"):
-        return _finish(folder, options, state, summary_base, run)
+    if state.get("stage", HEAD_STAGE) == HEAD_STAGE:
+        if state["epoch"] < options.epochs * shards and not state.get("stopped"):
+            _fit_stage(run, folder, options, state, model, options.epochs * shards)
+        if options.fine_tune_blocks:
+            with devices.strategy.scope():
+                model = _start_fine_tuning(folder, options, state)
+    if state.get("stage") == FINE_TUNE_STAGE:
+        end = state["fine_tune"]["from_epoch"] + options.fine_tune_epochs * shards
+        if state["epoch"] < end and not state.get("stopped"):
+            _fit_stage(run, folder, options, state, model, end)
+    return _finish(folder, options, state, summary_base, run)
+
+
+def _start_fine_tuning(folder: Path, options: FitOptions, state: dict) -> keras.Model:
+    """The best head-stage model with its top blocks unfrozen, compiled at the lower rate.
+
+    Only the loop state in memory changes: the first fine-tuning checkpoint persists it, so a
+    run killed before that starts the stage over from the same best model.
+    """
+    from training.model import unfreeze_top_blocks
+
+    start = folder / (BEST_MODEL if (folder / BEST_MODEL).exists() else LAST_MODEL)
+    model = keras.models.load_model(start, compile=False)
+    blocks = unfreeze_top_blocks(model, options.fine_tune_blocks)
+    _compile(model, options.fine_tune_lr, options)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    log.info(
+        "fine-tuning %s and the layers after them (%d weights) at %g from %s",
+        ", ".join(blocks), trainable, options.fine_tune_lr, start.name,
+    )  # fmt: skip
+    head_stopped_early = bool(state.get("stopped"))
+    state.update(
+        stage=FINE_TUNE_STAGE,
+        stopped=False,
+        wait=0,
+        fine_tune={
+            "from_epoch": state["epoch"],
+            "from_checkpoint": start.name,
+            "head_stopped_early": head_stopped_early,
+            "blocks": blocks,
+            "trainable_weights": trainable,
+            "learning_rate": options.fine_tune_lr,
+        },
+    )
+    return model
+
+
+def _compile(model: keras.Model, learning_rate: float, options: FitOptions) -> None:
+    """Adam with the seed's exponential decay from ``learning_rate``."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        learning_rate, decay_steps=options.decay_steps, decay_rate=options.decay_rate
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _fit_stage(run, folder, options, state, model, end_epoch: int) -> None:
+    """Keras ``fit`` from the state's epoch to ``end_epoch``, one shard per epoch."""
     _truncate_history(folder / HISTORY_FILE, state["epoch"])
     train, steps = train_batches(
         run, options.batch_size, state["epoch"], options.seed, options.online_augment
@@ -260,14 +328,13 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
         train,
         steps_per_epoch=steps,
         validation_data=val,
-        epochs=total_epochs,
+        epochs=end_epoch,
         initial_epoch=state["epoch"],
         callbacks=callbacks,
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar for people, lines for logs
     )
     state["stopped"] = early.stopped_epoch > 0
     _write_json(folder / STATE_FILE, state)
-    return _finish(folder, options, state, summary_base, run)
 
 
 def _finish(folder, options, state, summary_base, run) -> dict:
@@ -277,6 +344,7 @@ def _finish(folder, options, state, summary_base, run) -> dict:
         "best_val_accuracy": state["best"],
         "best_epoch": state["best_epoch"],
         "stopped_early": bool(state.get("stopped")),
+        "fine_tune": state.get("fine_tune"),
         "train_images": run.images("train"),
         "seconds": round(state["seconds"], 1),
         "images_per_second": round(state.get("images_seen", 0) / max(state["seconds"], 1e-9), 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -176,6 +177,46 @@ def _square_imagenet_variance(base: keras.Model) -> None:
     if np.allclose(variance, _IMAGENET_STDDEV_RGB, atol=1e-3):
         norm.adapt_variance.assign(np.square(variance))
         norm.finalize_state()
+
+
+# Keras EfficientNet blocks are named block6a_…, the Lite port's blocks_15_…
+_BLOCK_NAME = re.compile(r"^(block\d+[a-z]|blocks_\d+)_")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The EfficientNet inside a classifier built by ``make_model``."""
+    bases = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(bases) != 1:
+        raise ValueError(f"{model.name}: expected one backbone, found {len(bases)}")
+    return bases[0]
+
+
+def unfreeze_top_blocks(model: keras.Model, blocks: int) -> list[str]:
+    """Make the backbone's last ``blocks`` blocks and the layers after them trainable.
+
+    Batch-norm layers stay frozen (and the frozen-base classifier runs its backbone in
+    inference mode), so the few fine-tuning batches do not wreck the pretrained statistics.
+    Returns the names of the blocks made trainable, first to last; the model must be
+    compiled again for the change to take effect.
+    """
+    base = backbone_of(model)
+    order: list[str] = []
+    for layer in base.layers:
+        match = _BLOCK_NAME.match(layer.name)
+        if match and match.group(1) not in order:
+            order.append(match.group(1))
+    if not 1 <= blocks <= len(order):
+        raise ValueError(f"blocks must be in 1..{len(order)} for {base.name}, got {blocks}")
+    chosen = set(order[-blocks:])
+    last_block_start = next(
+        i for i, layer in enumerate(base.layers) if layer.name.startswith(order[-blocks] + "_")
+    )
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        match = _BLOCK_NAME.match(layer.name)
+        in_top = (match.group(1) in chosen) if match else index > last_block_start
+        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
+    return order[-blocks:]
 
 
 def set_batchnorm_momentum(layer, momentum: float) -> None:
