@@ -323,7 +323,13 @@ def test_fine_tuning_stage_trains_the_top_blocks_at_a_lower_rate_and_resumes(sam
     longer = fit(tmp_path / "run", dataclasses.replace(options, fine_tune_epochs=2))
     assert longer["epochs_run"] == 3 * shards and longer["fine_tune"] == tuned
     with open(tmp_path / "run" / "fit" / "history.csv", newline="") as handle:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
-    assert epochs == list(range(3 * shards))
+        rows = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in rows] == list(range(3 * shards))
+    seconds = [float(row["seconds"]) for row in rows]  # running training time, across calls
+    assert (
+        seconds[0] > 0
+        and seconds == sorted(seconds)
+        and seconds[-1] == pytest.approx(longer["seconds"], abs=0.1)
+    )
     with pytest.raises(ValueError, match="fine_tune_blocks follows a head-only stage"):
         FitOptions(fine_tune_blocks=2)

@@ -6,7 +6,8 @@ log. After every shard the model and optimizer are saved with the loop's state, 
 is killed resumes at the next shard with the same learning-rate schedule.
 
 Files in ``RUN/fit/``: ``options.json``, ``state.json``, ``last.keras`` (resume point),
-``best.keras`` (best validation accuracy), ``history.csv`` (one row per shard), ``fit.json``
+``best.keras`` (best validation accuracy), ``history.csv`` (one row per shard, with the
+running training ``seconds``), ``fit.json``
 (the summary, written when the run ends).
 
 With a frozen pretrained base (``freeze_base``) the fit can go on in a second stage, as the
@@ -25,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -127,8 +128,17 @@ def validation_data(run: PreparedRun, split: str, batch_size: int):
     return tf.data.Dataset.from_generator(one_pass, output_signature=spec)
 
 
-def fit(run_folder: str | os.PathLike, options: FitOptions, restart: bool = False) -> dict:
-    """Train on the run's shards (resuming when a previous fit stopped); return the summary."""
+def fit(
+    run_folder: str | os.PathLike,
+    options: FitOptions,
+    restart: bool = False,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict:
+    """Train on the run's shards (resuming when a previous fit stopped); return the summary.
+
+    ``callbacks`` are added to Keras' own (a time budget, say: one that sets
+    ``model.stop_training`` ends the current stage after its shard, checkpointed).
+    """
     run = PreparedRun.open(run_folder)
     folder = run.folder / FIT_DIR
     state = _start_state(folder, options, restart)
@@ -140,7 +150,7 @@ def fit(run_folder: str | os.PathLike, options: FitOptions, restart: bool = Fals
     try:
         with devices.strategy.scope():
             model, notes = _model(folder, options, state)
-        return _loop(run, folder, options, state, model, devices, notes)
+        return _loop(run, folder, options, state, model, devices, notes, list(callbacks))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -231,7 +241,7 @@ def _weights_file(options: FitOptions, folder: Path):
     return backbone_weights(options.weights, options.backbone, target)
 
 
-def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
+def _loop(run, folder, options, state, model, devices: Devices, notes, extra) -> dict:
     """The head stage (or the whole fit), then the fine-tuning stage when one is asked for."""
     shards = len(run.shard_files("train"))
     from training.model import weights_origin
@@ -244,14 +254,14 @@ def _loop(run, folder, options, state, model, devices: Devices, notes) -> dict:
     }
     if state.get("stage", HEAD_STAGE) == HEAD_STAGE:
         if state["epoch"] < options.epochs * shards and not state.get("stopped"):
-            _fit_stage(run, folder, options, state, model, options.epochs * shards)
+            _fit_stage(run, folder, options, state, model, options.epochs * shards, extra)
         if options.fine_tune_blocks:
             with devices.strategy.scope():
                 model = _start_fine_tuning(folder, options, state)
     if state.get("stage") == FINE_TUNE_STAGE:
         end = state["fine_tune"]["from_epoch"] + options.fine_tune_epochs * shards
         if state["epoch"] < end and not state.get("stopped"):
-            _fit_stage(run, folder, options, state, model, end)
+            _fit_stage(run, folder, options, state, model, end, extra)
     return _finish(folder, options, state, summary_base, run)
 
 
@@ -301,7 +311,7 @@ def _compile(model: keras.Model, learning_rate: float, options: FitOptions) -> N
     )
 
 
-def _fit_stage(run, folder, options, state, model, end_epoch: int) -> None:
+def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) -> None:
     """Keras ``fit`` from the state's epoch to ``end_epoch``, one shard per epoch."""
     _truncate_history(folder / HISTORY_FILE, state["epoch"])
     train, steps = train_batches(
@@ -313,6 +323,7 @@ def _fit_stage(run, folder, options, state, model, end_epoch: int) -> None:
         state, monitor="val_accuracy", mode="max", patience=options.patience
     )
     callbacks = [
+        TrainingClock(state),
         keras.callbacks.CSVLogger(str(folder / HISTORY_FILE), append=True),
         keras.callbacks.ModelCheckpoint(
             str(folder / BEST_MODEL),
@@ -322,6 +333,7 @@ def _fit_stage(run, folder, options, state, model, end_epoch: int) -> None:
             initial_value_threshold=state["best"],
         ),
         early,
+        *extra,
         RunCheckpoint(folder, state, early, largest),
     ]
     model.fit(
@@ -389,20 +401,33 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         self.best_epoch = self._state["best_epoch"] or 0
 
 
-class RunCheckpoint(keras.callbacks.Callback):
-    """After every shard: save the model with its optimizer, then the loop state."""
+class TrainingClock(keras.callbacks.Callback):
+    """Adds each shard's time (training and validation) to the state and logs the running
+    total as the ``seconds`` column of ``history.csv``; runs before the other callbacks."""
 
-    def __init__(self, folder: Path, state: dict, early: ResumableEarlyStopping, images: int):
+    def __init__(self, state: dict):
         super().__init__()
-        self._folder, self._state, self._early, self._images = folder, state, early, images
+        self._state = state
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self._state["seconds"] += time.perf_counter() - self._started
+        if logs is not None:
+            logs["seconds"] = round(self._state["seconds"], 2)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After every shard: save the model with its optimizer, then the loop state."""
+
+    def __init__(self, folder: Path, state: dict, early: ResumableEarlyStopping, images: int):
+        super().__init__()
+        self._folder, self._state, self._early, self._images = folder, state, early, images
+
+    def on_epoch_end(self, epoch, logs=None):
         state = self._state
-        state["seconds"] += time.perf_counter() - self._started
         state["images_seen"] = state.get("images_seen", 0) + self._images
         temp = self._folder / f".tmp-{LAST_MODEL}"
         self.model.save(temp)
