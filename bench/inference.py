@@ -1,7 +1,8 @@
 """Seconds per slice: one ``model.predict`` per image (the seed's app) vs batched vs ONNX.
 
-``python -m bench.inference`` times the committed demo bundle and an untrained
-EfficientNetB7 at 512 px (the seed's model size) on windowed 512 x 512 phantom slices.
+``python -m bench.inference`` times the committed demo bundle, EfficientNet-Lite0 (ImageNet
+base, untrained head) at ``--lite-sizes`` and an untrained EfficientNetB7 at 512 px (the seed's
+model size) on windowed 512 x 512 phantom slices, then compares Lite0 with B7 per slice.
 Figures are medians of ``--repeats`` runs; compare the ratios, which are measured in one run.
 """
 
@@ -57,23 +58,24 @@ def seconds_per_image(
     return statistics.median(times) / len(pixels)
 
 
-def untrained_b7_bundle(folder: Path) -> Path:
-    """EfficientNetB7 at 512 px with random weights, written as a bundle (no training)."""
+def untrained_bundle(folder: Path, backbone: str = "EfficientNetB7", size: int = 512) -> Path:
+    """``backbone`` at ``size`` px with its default start (random for B7, ImageNet for Lite0)
+    and an untrained head, written as a bundle (no training)."""
     import keras
     import tensorflow as tf
 
     from training.model import make_model
 
-    model = make_model("EfficientNetB7", input_size=512, weights=None)
+    model = make_model(backbone, input_size=size, weights=None)
     info = ModelInfo(
-        name="bench-efficientnetb7-untrained",
+        name=f"bench-{backbone.lower()}-untrained",
         version="0",
         classes=CLASSES,
-        input_size=512,
+        input_size=size,
         window_center=imaging.LUNG.center,
         window_width=imaging.LUNG.width,
         preprocessing_version=imaging.PREPROCESSING_VERSION,
-        backbone="EfficientNetB7",
+        backbone=backbone,
         dataset_manifest_hash=hashlib.sha256(b"untrained").hexdigest(),
         metrics={},
         framework={"tensorflow": tf.__version__, "keras": keras.__version__},
@@ -88,7 +90,7 @@ def _per_image_predict(model) -> Callable[[np.ndarray], object]:
     return lambda pixels: [model.predict(p[np.newaxis, ..., np.newaxis], verbose=0) for p in pixels]
 
 
-def bench_bundle(label: str, folder: Path, pixels: np.ndarray, repeats: int, args) -> None:
+def bench_bundle(label: str, folder: Path, pixels: np.ndarray, repeats: int, args) -> dict:
     """Print per-image seconds of the three paths and their ratios for one bundle."""
     started = time.perf_counter()
     bundle = ModelBundle.load(folder)
@@ -113,6 +115,7 @@ def bench_bundle(label: str, folder: Path, pixels: np.ndarray, repeats: int, arg
     print(f"  (c) ONNX Runtime, batch {size:<3}        {onnx_s:8.4f} s/image {ratio:6.2f}x (a)")
     difference = float(np.abs(onnx.predict(pixels) - bundle.predict(pixels)).max())
     print(f"  ONNX export + load {exported:.1f} s; ONNX vs Keras max |dp| {difference:.2e}")
+    return {"per_image": per_image, "keras": batched, "onnx": onnx_s}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (demo bundle)")
     parser.add_argument("--b7-repeats", type=int, default=2, help="timed runs (B7)")
-    parser.add_argument("--skip-b7", action="store_true", help="time the demo bundle only")
+    parser.add_argument("--skip-b7", action="store_true", help="do not time EfficientNetB7")
+    parser.add_argument(
+        "--lite-sizes",
+        type=lambda text: [int(v) for v in text.split(",") if v],
+        default=[224, 512],
+        help="EfficientNet-Lite0 input sizes to time, comma separated (empty: none)",
+    )
     return parser
 
 
@@ -144,12 +153,29 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("model.json", "model.keras"):
             shutil.copy2(DEMO / name, demo / name)
         pixels = windowed_slices(args.images)
-        bench_bundle("demo bundle (EfficientNetB0)", demo, pixels, args.repeats, args)
+        info = ModelBundle.load(demo).info
+        label = f"demo bundle ({info.backbone} @{info.input_size})"
+        results = {label: bench_bundle(label, demo, pixels, args.repeats, args)}
+        for size in args.lite_sizes:
+            lite = untrained_bundle(Path(temp) / f"lite0-{size}", "EfficientNetLite0", size)
+            label = f"EfficientNetLite0 @{size}, ImageNet base"
+            results[label] = bench_bundle(label, lite, pixels, args.repeats, args)
         if not args.skip_b7:
-            b7 = untrained_b7_bundle(Path(temp) / "b7")
+            b7 = untrained_bundle(Path(temp) / "b7")
             pixels = windowed_slices(args.b7_images)
-            bench_bundle("EfficientNetB7 @512, untrained", b7, pixels, args.b7_repeats, args)
+            label = "EfficientNetB7 @512, untrained"
+            results[label] = bench_bundle(label, b7, pixels, args.b7_repeats, args)
+    print_summary(results)
     return 0
+
+
+def print_summary(results: dict[str, dict]) -> None:
+    """Seconds per slice of every model, Keras batched and ONNX, and each one vs B7."""
+    b7 = results.get("EfficientNetB7 @512, untrained")
+    print(f"\n{'model':40}{'Keras s/slice':>14}{'ONNX s/slice':>14}{'B7/this Keras':>15}")
+    for label, r in results.items():
+        ratio = f"{b7['keras'] / r['keras']:14.1f}x" if b7 else f"{'-':>15}"
+        print(f"{label:40}{r['keras']:14.4f}{r['onnx']:14.4f}{ratio}")
 
 
 if __name__ == "__main__":

@@ -126,12 +126,14 @@ def print_tables(results: dict[str, dict], minutes: float) -> None:
     """Best validation accuracy reached by each minute, then the test results."""
     marks = [m for m in range(1, int(minutes) + 1)] or [minutes]
     print("\nbest validation slice accuracy reached after N minutes of training")
-    print(f"{'arm':22}" + "".join(f"{m:>7} min" for m in marks))
+    print(f"{'arm':22}" + "".join(f"{m:>7} min" for m in marks) + f"{'at end':>11}")
     for arm, result in results.items():
         cells = []
         for mark in marks:
             seen = [acc for seconds, acc in result["curve"] if seconds <= mark * 60]
             cells.append(f"{max(seen):11.3f}" if seen else f"{'-':>11}")
+        end = result["curve"][-1][0] / 60 if result["curve"] else 0.0
+        cells.append(f"{result['summary']['best_val_accuracy'] or 0:6.3f} @{end:3.1f}")
         print(f"{arm:22}" + "".join(cells))
     print("\ntest split, best checkpoint")
     print(f"{'arm':22}{'slice acc':>10}{'study acc':>10}{'COVID sens':>11}{'img/s':>8}")

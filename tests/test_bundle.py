@@ -110,7 +110,7 @@ def test_demo_bundle_is_small_and_says_it_is_a_demo(demo):
     assert size <= 20_000_000
     assert demo.info.demo is True
     assert "NOT for clinical use" in demo.info.description
-    assert demo.info.identity() == ModelIdentity("ainode-demo-phantom", "0.2.0", demo=True)
+    assert demo.info.identity() == ModelIdentity("ainode-demo-phantom", "0.3.0", demo=True)
     assert "DEMO" in demo.info.identity().label
     assert demo.info.classes == CLASSES
 

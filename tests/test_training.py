@@ -86,7 +86,7 @@ def trained(labelled_node):
     )  # fmt: skip
     started = time.perf_counter()
     ainode(
-        settings, root, "train", "fit", str(run), "--backbone", "EfficientNetB0",
+        settings, root, "train", "fit", str(run), "--backbone", "EfficientNetLite0",
         "--input-size", "96", "--weights", str(DEMO), "--freeze-base", "--batch-size", "32",
         "--epochs", "8", "--patience", "8", "--lr", "1e-3", "--decay-steps", "50",
     )  # fmt: skip
@@ -122,7 +122,7 @@ def test_registered_bundle_records_where_it_came_from(trained):
     evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
     assert info.dataset_manifest_hash == prepared["manifest_sha256"]
     assert info.metrics["study_accuracy"] == evaluation["study"]["accuracy"]
-    assert (info.backbone, info.input_size, info.demo) == ("EfficientNetB0", 96, True)
+    assert (info.backbone, info.input_size, info.demo) == ("EfficientNetLite0", 96, True)
     assert {"tensorflow", "keras"} <= set(info.framework)
 
 

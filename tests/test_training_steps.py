@@ -212,10 +212,9 @@ def test_validation_scores_the_whole_validation_split_every_shard(samples, tmp_p
     from training.fit import fit
 
     prepare(samples, tmp_path / "run", PrepareOptions(image_size=32, shard_size=10))
-    demo = Path(__file__).parent.parent / "node" / "models" / "demo"
     options = FitOptions(
-        backbone="EfficientNetB0", input_size=32, batch_size=4, epochs=1, patience=99,
-        learning_rate=1e-12, weights=str(demo), freeze_base=True, seed=1,
+        backbone="EfficientNetLite0", input_size=32, batch_size=4, epochs=1, patience=99,
+        learning_rate=1e-12, freeze_base=True, seed=1,
     )  # fmt: skip
     fit(tmp_path / "run", options)
     run = PreparedRun.open(tmp_path / "run")

@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from node import imaging, phantom  # noqa: E402
 
-NAME, VERSION = "ainode-demo-phantom", "0.2.0"
+NAME, VERSION = "ainode-demo-phantom", "0.3.0"
 DESCRIPTION = (
     "DEMO model trained on synthetic chest-CT phantoms (node.phantom), NOT for clinical use: "
     "it has never seen a real CT and its outputs mean nothing for a patient."
@@ -133,12 +133,23 @@ def train(args: argparse.Namespace, work: Path) -> Path:
     prepared = json.loads((run / "prepare.json").read_text(encoding="utf-8"))
     largest = max(s["images"] for s in prepared["shards"]["train"])
     steps = -(-largest // args.batch_size)  # decay once per pass, as the demo always did
-    step(
-        "fit", str(run), "--backbone", "EfficientNetB0", "--input-size", str(args.input_size),
+    fit = [
+        "fit", str(run), "--backbone", args.backbone, "--input-size", str(args.input_size),
         "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--patience",
-        str(args.epochs), "--lr", "2e-3", "--decay-steps", str(steps), "--decay-rate", "0.9",
-        "--online-augment", "--seed", str(args.seed),
-    )  # fmt: skip
+        str(args.epochs), "--lr", str(args.lr), "--decay-steps", str(steps), "--decay-rate",
+        "0.9", "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.weights:
+        fit += ["--weights", args.weights]
+    if args.fine_tune_blocks:
+        fit += [
+            "--freeze-base", "--fine-tune-blocks", str(args.fine_tune_blocks),
+            "--fine-tune-epochs", str(args.fine_tune_epochs), "--fine-tune-lr",
+            str(args.lr / 10),
+        ]  # fmt: skip
+    if args.online_augment:
+        fit.append("--online-augment")
+    step(*fit)
     step("evaluate", str(run))
     step(
         "register", str(run), "--name", NAME, "--version", VERSION, "--demo",
@@ -157,6 +168,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", type=float, default=0.22, help="test share of patients")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backbone", default="EfficientNetLite0")
+    parser.add_argument("--weights", help="starting weights (default: the backbone's own)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    parser.add_argument(
+        "--fine-tune-blocks",
+        type=int,
+        default=0,
+        help="seed recipe: head on the frozen base, then the top N blocks (0: whole network)",
+    )
+    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument(
+        "--no-online-augment", dest="online_augment", action="store_false",
+        help="only the balancing copies, no per-batch perturbation",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="split, weights and shuffling seed")
     parser.add_argument("--work", type=Path, help="keep the phantoms and the run here")
     return parser
