@@ -147,10 +147,15 @@ def fit(
         log.warning("%s", note)
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(devices.policy)
+    from training.model import weights_origin
+
+    weights = _weights_file(options, folder)  # resolved once: a bundle's backbone is extracted
+    origin = weights_origin(options.backbone, weights)
     try:
         with devices.strategy.scope():
-            model, notes = _model(folder, options, state)
-        return _loop(run, folder, options, state, model, devices, notes, list(callbacks))
+            model, notes = _model(folder, options, state, weights, origin)
+        base = {"devices": devices.describe(), "notes": notes, "weights": origin}
+        return _loop(run, folder, options, state, model, devices, base, list(callbacks))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -184,24 +189,18 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
     }
 
 
-def _model(folder: Path, options: FitOptions, state: dict):
-    """The model to train: the resume point, or a new compiled one."""
-    from training.model import (
-        make_model,
-        resolve_weights,
-        set_batchnorm_momentum,
-        weights_origin,
-    )
+def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict):
+    """The model to train: the resume point, or a new compiled one; and the run's notes."""
+    from training.model import make_model, resolve_weights, set_batchnorm_momentum
 
     notes = []
-    pretrained = resolve_weights(options.backbone, options.weights) is not None
+    pretrained = resolve_weights(options.backbone, weights) is not None
     if not pretrained:
         notes.append(
             "no pretrained weights: the whole EfficientNet is trained from random "
             "initialisation (a frozen random base would learn nothing)"
         )
     else:
-        origin = weights_origin(options.backbone, _weights_file(options, folder))
         notes.append(f"backbone initialised from {origin['origin']}")
         if options.freeze_base:
             notes.append("the head trains on the frozen pretrained backbone")
@@ -213,7 +212,6 @@ def _model(folder: Path, options: FitOptions, state: dict):
             )
     if state["epoch"] > 0:
         return keras.models.load_model(folder / LAST_MODEL), notes
-    weights = _weights_file(options, folder)
     model = make_model(
         options.backbone,
         input_size=options.input_size,
@@ -241,17 +239,10 @@ def _weights_file(options: FitOptions, folder: Path):
     return backbone_weights(options.weights, options.backbone, target)
 
 
-def _loop(run, folder, options, state, model, devices: Devices, notes, extra) -> dict:
+def _loop(run, folder, options, state, model, devices: Devices, base: dict, extra) -> dict:
     """The head stage (or the whole fit), then the fine-tuning stage when one is asked for."""
     shards = len(run.shard_files("train"))
-    from training.model import weights_origin
-
-    summary_base = {
-        "devices": devices.describe(),
-        "notes": notes,
-        "shards": shards,
-        "weights": weights_origin(options.backbone, _weights_file(options, folder)),
-    }
+    summary_base = {**base, "shards": shards}
     if state.get("stage", HEAD_STAGE) == HEAD_STAGE:
         if state["epoch"] < options.epochs * shards and not state.get("stopped"):
             _fit_stage(run, folder, options, state, model, options.epochs * shards, extra)
