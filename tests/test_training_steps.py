@@ -332,3 +332,35 @@ def test_fine_tuning_stage_trains_the_top_blocks_at_a_lower_rate_and_resumes(sam
     )
     with pytest.raises(ValueError, match="fine_tune_blocks follows a head-only stage"):
         FitOptions(fine_tune_blocks=2)
+
+
+def test_a_trained_start_model_gives_its_classifier_when_the_classes_match(tmp_path):
+    """Continuing from a trained model (a bundle's or a .keras file) keeps its head; a head
+    for other classes is left out, and the run says which happened."""
+    from training.model import HEAD_FILE, backbone_weights, make_model, start_head_from
+
+    trained = make_model("EfficientNetLite0", input_size=32, freeze_base=True)
+    head = trained.get_layer("probabilities")
+    learned = [np.full(w.shape, 0.5 + i, dtype=np.float32) for i, w in enumerate(head.weights)]
+    head.set_weights(learned)
+    trained.save(tmp_path / "trained.keras")
+    extracted = backbone_weights(
+        tmp_path / "trained.keras", "EfficientNetLite0", tmp_path / "b.weights.h5"
+    )
+    assert (tmp_path / HEAD_FILE).is_file()
+
+    fresh = make_model("EfficientNetLite0", input_size=32, weights=extracted, freeze_base=True)
+    note = start_head_from(fresh, tmp_path / HEAD_FILE, CLASSES)
+    assert note.startswith("the classifier starts from the start model's")
+    for got, want in zip(fresh.get_layer("probabilities").get_weights(), learned, strict=True):
+        assert np.array_equal(got, want)
+
+    other = tmp_path / "other.npz"
+    np.savez(other, kernel=learned[0], bias=learned[1], classes=np.array(["A", "B", "C"]))
+    fresh = make_model("EfficientNetLite0", input_size=32, weights=extracted, freeze_base=True)
+    note = start_head_from(fresh, other, CLASSES)
+    assert note == "the classifier starts fresh: the start model's classes (A, B, C) are not ours"
+    assert not np.array_equal(fresh.get_layer("probabilities").get_weights()[1], learned[1])
+    assert start_head_from(fresh, tmp_path / "none.npz", CLASSES).startswith(
+        "the classifier starts fresh (the start model has none)"
+    )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
 from node import users
 from node.service import build_node
+from node.settings import Settings
 
 PASSWORDS = {"radiologist": "radiologist-pass-1", "admin": "admin-pass-123"}
 USERNAMES = {"radiologist": "dr.rad", "admin": "ad.min"}
@@ -31,15 +34,38 @@ def sign_in(client, role: str):
     return client
 
 
-@pytest.fixture
-def web_node(make_settings):
-    """A migrated node with a radiologist and an admin account."""
-    settings = make_settings(web_secure_cookies=False)
-    node = build_node(settings, migrate=True)
+def add_accounts(node) -> None:
+    """One test user per role."""
     with node.session_factory() as session:
         for role, name in USERNAMES.items():
             users.add_user(session, name, PASSWORDS[role], role, full_name=f"Test {role}")
         session.commit()
+
+
+@pytest.fixture(scope="session")
+def accounts_database(tmp_path_factory) -> Path:
+    """A migrated SQLite database holding the test accounts, copied into each web test's node
+    (migrating and hashing two passwords again for every one of ~300 tests costs minutes)."""
+    folder = tmp_path_factory.mktemp("web-accounts")
+    node = build_node(Settings(data_dir=folder, min_free_disk_mb=0), migrate=True)
+    add_accounts(node)
+    node.close()
+    return folder / "ainode.db"
+
+
+@pytest.fixture
+def web_node(make_settings, accounts_database):
+    """A migrated node with a radiologist and an admin account."""
+    settings = make_settings(web_secure_cookies=False)
+    url = settings.resolved_database_url
+    copy = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+    if copy:
+        target = Path(url.removeprefix("sqlite:///"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(accounts_database, target)
+    node = build_node(settings, migrate=True)  # a copy is at head already: nothing to do
+    if not copy:
+        add_accounts(node)
     yield node
     node.close()
 

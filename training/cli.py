@@ -71,7 +71,14 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.learning_rate, help="initial rate")
     parser.add_argument("--decay-steps", type=int, default=d.decay_steps)
     parser.add_argument("--decay-rate", type=float, default=d.decay_rate)
-    parser.add_argument("--weights", help="local pretrained weights file (include_top=False)")
+    parser.add_argument(
+        "--weights",
+        help="local pretrained weights file (include_top=False), or a model bundle or .keras "
+        "file to continue from (its classifier too, unless --fresh-head)",
+    )
+    parser.add_argument(
+        "--fresh-head", action="store_true", help="start the classifier anew from --weights"
+    )
     parser.add_argument("--freeze-base", action="store_true", help="train only the head")
     parser.add_argument(
         "--fine-tune-blocks",
@@ -169,6 +176,7 @@ def _fit(settings, args: argparse.Namespace) -> int:
         decay_steps=args.decay_steps,
         decay_rate=args.decay_rate,
         weights=args.weights,
+        fresh_head=args.fresh_head,
         freeze_base=args.freeze_base,
         fine_tune_blocks=args.fine_tune_blocks,
         fine_tune_epochs=args.fine_tune_epochs,

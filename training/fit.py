@@ -35,6 +35,7 @@ import numpy as np
 
 from training.augment import AugmentOptions, augment_image
 from training.devices import Devices, resolve_devices
+from training.model import HEAD_FILE
 from training.options import FitOptions
 from training.shards import PreparedRun
 
@@ -165,6 +166,8 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
     if restart and folder.exists():
         for name in (STATE_FILE, LAST_MODEL, BEST_MODEL, HISTORY_FILE, SUMMARY_FILE, OPTIONS_FILE):
             (folder / name).unlink(missing_ok=True)
+        for name in (BACKBONE_WEIGHTS, HEAD_FILE):  # extracted from the last start model
+            (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / STATE_FILE).exists() and (folder / LAST_MODEL).exists():
         saved = json.loads((folder / OPTIONS_FILE).read_text(encoding="utf-8"))
@@ -191,7 +194,8 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
 
 def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict):
     """The model to train: the resume point, or a new compiled one; and the run's notes."""
-    from training.model import make_model, resolve_weights, set_batchnorm_momentum
+    from node.result import CLASSES
+    from training.model import make_model, resolve_weights, set_batchnorm_momentum, start_head_from
 
     notes = []
     pretrained = resolve_weights(options.backbone, weights) is not None
@@ -211,13 +215,20 @@ def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict
                 "batch norm kept frozen"
             )
     if state["epoch"] > 0:
-        return keras.models.load_model(folder / LAST_MODEL), notes
+        return keras.models.load_model(folder / LAST_MODEL), notes + state.get("head", [])
     model = make_model(
         options.backbone,
         input_size=options.input_size,
         weights=weights,
         freeze_base=options.freeze_base,
     )
+    if weights == folder / BACKBONE_WEIGHTS:  # continuing from a trained model
+        state["head"] = [
+            "the classifier starts fresh (--fresh-head)"
+            if options.fresh_head
+            else start_head_from(model, folder / HEAD_FILE, CLASSES)
+        ]
+        notes += state["head"]
     momentum = options.batchnorm_momentum
     if momentum is None and not pretrained:
         momentum = FROM_SCRATCH_BATCHNORM_MOMENTUM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + LITE_BACKBONES
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # "random" asks for random initialisation whatever the backbone's default is.
 RANDOM = "random"
+HEAD_LAYER = "probabilities"  # the classification layer
+HEAD_FILE = "start_head.npz"  # a start model's classifier, beside its extracted backbone
 INPUT_SIZE_RANGE = (32, 1024)
 # What keras.applications stores as the Normalization "variance" in its ImageNet files: the
 # standard deviations themselves. Its weights="imagenet" path adds a Rescaling layer to make
@@ -72,9 +75,7 @@ def make_model(
     base.trainable = not freeze_base
     x = base(x, training=False) if freeze_base else base(x)
     x = keras.layers.Dropout(dropout, name="top_dropout")(x)
-    outputs = keras.layers.Dense(
-        classes, activation="softmax", dtype="float32", name="probabilities"
-    )(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32", name=HEAD_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"{backbone.lower()}_ct{input_size}")
 
 
@@ -235,11 +236,16 @@ def backbone_weights(source: str | os.PathLike, backbone: str, out: str | os.Pat
     """A weights file ``make_model(weights=...)`` can load, from ``source``.
 
     ``source`` is such a file already (returned as is), or a trained model to start from: a
-    model bundle folder or a ``.keras`` file, whose backbone weights are written to ``out``.
+    model bundle folder or a ``.keras`` file, whose backbone weights are written to ``out``
+    and its classifier's to :data:`HEAD_FILE` beside it (see :func:`start_head_from`).
     Fine-tuning the node's current model on new labels starts this way.
     """
     source = Path(source)
+    classes: list[str] = []
     if source.is_dir():
+        info = source / "model.json"
+        if info.is_file():
+            classes = [str(c) for c in json.loads(info.read_text(encoding="utf-8"))["classes"]]
         source = source / "model.keras"
     if source.suffix != ".keras":
         return source
@@ -253,4 +259,29 @@ def backbone_weights(source: str | os.PathLike, backbone: str, out: str | os.Pat
         raise ValueError(f"{source}: its backbone is {found}, not {expected}")
     out = Path(out)
     bases[0].save_weights(out)
+    head = out.with_name(HEAD_FILE)
+    head.unlink(missing_ok=True)
+    if HEAD_LAYER in {layer.name for layer in model.layers}:
+        kernel, bias = model.get_layer(HEAD_LAYER).get_weights()
+        with open(head, "wb") as handle:
+            np.savez(handle, kernel=kernel, bias=bias, classes=np.array(classes, dtype=str))
     return out
+
+
+def start_head_from(model: keras.Model, head: Path, classes: tuple[str, ...]) -> str:
+    """Give ``model`` the classifier saved by :func:`backbone_weights`; say what was done.
+
+    Continuing from a trained model keeps what its head learned (the node's current model,
+    fine-tuned on a site's labels, starts where it is) when the start model has the same
+    classes in the same order; otherwise the new head keeps its random start.
+    """
+    if not head.is_file():
+        return "the classifier starts fresh (the start model has none)"
+    with np.load(head) as saved:
+        kernel, bias, theirs = saved["kernel"], saved["bias"], [str(c) for c in saved["classes"]]
+    layer = model.get_layer(HEAD_LAYER)
+    if kernel.shape != tuple(layer.kernel.shape) or (theirs and theirs != list(classes)):
+        found = ", ".join(theirs) or f"{kernel.shape[-1]} of them"
+        return f"the classifier starts fresh: the start model's classes ({found}) are not ours"
+    layer.set_weights([kernel, bias])
+    return "the classifier starts from the start model's (--fresh-head starts it anew)"

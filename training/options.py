@@ -20,6 +20,9 @@ class FitOptions:
     decay_rate: float = 0.96
     weights: str | None = None
     freeze_base: bool = False
+    # Starting from a trained model (a bundle or .keras as weights) keeps its classifier when
+    # the classes match; fresh_head starts the classifier from random instead.
+    fresh_head: bool = False
     # After the head-only stage on a frozen base: unfreeze the backbone's top blocks (batch
     # norm kept frozen) and train on at a lower rate, as the Keras transfer-learning guide does.
     fine_tune_blocks: int = 0
