@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 # Must equal node.imaging.PREPROCESSING_VERSION (a test checks); a new version of the pixel
 # pipeline means old bundles are refused rather than fed pixels they were not trained on.
 PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
-RUNTIMES = ("keras", "onnx")
+RUNTIMES = ("auto", "keras", "onnx")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -226,6 +227,14 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def _auto_runtime(gpu: bool) -> str:
+    """What ``auto`` serves with: Keras on a GPU, else ONNX Runtime when it can be used."""
+    if gpu:
+        return "keras"
+    needed = ("onnxruntime", "tf2onnx", "onnx")
+    return "onnx" if all(importlib.util.find_spec(name) for name in needed) else "keras"
+
+
 class ModelBundle:
     """A loaded model bundle: its :class:`ModelInfo` and batched inference."""
 
@@ -238,7 +247,7 @@ class ModelBundle:
 
     @property
     def runtime(self) -> str:
-        """``keras`` or ``onnx``."""
+        """``keras`` or ``onnx`` (what ``auto`` chose, for a bundle loaded with it)."""
         return self._runner.runtime
 
     @property
@@ -259,8 +268,11 @@ class ModelBundle:
         path
             The bundle folder.
         runtime
-            ``keras`` (TensorFlow) or ``onnx`` (ONNX Runtime; ``model.onnx`` is exported from
-            ``model.keras`` on first use and cached beside it).
+            ``keras`` (TensorFlow), ``onnx`` (ONNX Runtime; ``model.onnx`` is exported from
+            ``model.keras`` on first use and cached beside it) or ``auto``: Keras where a GPU
+            is visible, ONNX Runtime on a CPU-only host where onnxruntime and tf2onnx are
+            installed (1.5-2x TensorFlow's speed on this kind of CPU, see bench.inference),
+            Keras otherwise or when the export fails (logged).
         mixed_precision
             Compute in float16 where a GPU is visible; on a CPU this is logged and ignored.
         """
@@ -273,18 +285,21 @@ class ModelBundle:
         model_file = folder / MODEL_FILE
         if not model_file.is_file():
             raise BundleError(f"{model_file}: missing (the bundle has no model)")
-        if mixed_precision and not _gpu_visible():
+        gpu = _gpu_visible() if mixed_precision or runtime == "auto" else False
+        if mixed_precision and not gpu:
             log.warning("mixed_precision asked for but no GPU is visible: running in float32")
             mixed_precision = False
-        if runtime == "keras":
-            runner: _KerasRunner | _OnnxRunner = _KerasRunner(
-                _load_keras(model_file, info), mixed_precision
-            )
-        else:
+        chosen = _auto_runtime(gpu) if runtime == "auto" else runtime
+        if chosen == "onnx":
             if mixed_precision:
                 log.warning("mixed_precision applies to the keras runtime only: ignored")
-            runner = _OnnxRunner(_onnx_model(model_file, info))
-        return cls(info, runner, folder)
+            try:
+                return cls(info, _OnnxRunner(_onnx_model(model_file, info)), folder)
+            except Exception as exc:  # auto falls back; an explicit onnx says why it cannot
+                if runtime != "auto":
+                    raise
+                log.warning("ONNX Runtime cannot serve this bundle, using Keras: %s", exc)
+        return cls(info, _KerasRunner(_load_keras(model_file, info), mixed_precision), folder)
 
     def predict(self, slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """Class probabilities of windowed slices.
@@ -436,6 +451,7 @@ def _onnx_model(model_file: Path, info: ModelInfo) -> bytes:
                 return proto.SerializeToString()
         except Exception as exc:  # a damaged cache is rebuilt, never served
             log.warning("%s: unreadable (%s), exporting again", cached, exc)
+    log.info("%s: exporting to ONNX for ONNX Runtime (once, cached as %s)", model_file, ONNX_FILE)
     proto = _export_onnx(_load_keras(model_file, info), model_file)
     proto.metadata_props.add(key=_ONNX_SOURCE_KEY, value=source)
     data = proto.SerializeToString()

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # analysis
     broker_url: str | None = None
     model_dir: Path | None = None
-    model_runtime: str = Field("keras", pattern="^(keras|onnx)$")
+    model_runtime: str = Field("auto", pattern="^(auto|keras|onnx)$")
     mixed_precision: bool = False
     window_center: float = -600.0
     window_width: float = Field(1500.0, gt=0)

@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from node import bundle, imaging  # noqa: E402
 from node.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
 from node.result import CLASSES, ModelIdentity, aggregate  # noqa: E402
+from node.settings import Settings  # noqa: E402
 from training.demo import MIN_FINDING_FRACTION as VISIBLE  # noqa: E402
 from training.demo import lung_slices  # noqa: E402
 
@@ -169,6 +170,33 @@ def test_onnx_runtime_matches_keras(demo, unseen, demo_copy):
     np.testing.assert_allclose(again.predict(pixels[:3]), onnx.predict(pixels[:3]), atol=1e-6)
 
 
+def test_auto_runtime_serves_onnx_on_a_cpu_and_keras_where_a_gpu_is(
+    tiny_bundle, monkeypatch, caplog
+):
+    """``model_runtime = "auto"`` (the default): ONNX Runtime on this CPU-only host, Keras
+    where a GPU is visible (mocked: there is none here), and Keras with the reason logged
+    when the bundle cannot be exported."""
+    assert Settings().model_runtime == "auto"
+    assert ModelBundle.load(tiny_bundle, runtime="auto").runtime == "onnx"
+    assert (tiny_bundle / "model.onnx").is_file()
+    monkeypatch.setattr(bundle, "_gpu_visible", lambda: True)
+    assert ModelBundle.load(tiny_bundle, runtime="auto").runtime == "keras"
+    monkeypatch.setattr(bundle, "_gpu_visible", lambda: False)
+
+    def cannot_export(model, model_file):
+        raise BundleError(f"{model_file}: cannot be exported to ONNX (op Foo)")
+
+    (tiny_bundle / "model.onnx").unlink()
+    monkeypatch.setattr(bundle, "_export_onnx", cannot_export)
+    with caplog.at_level(logging.WARNING, logger="node.bundle"):
+        served = ModelBundle.load(tiny_bundle, runtime="auto")
+    assert served.runtime == "keras"
+    assert "ONNX Runtime cannot serve this bundle, using Keras" in caplog.text
+    assert "cannot be exported to ONNX (op Foo)" in caplog.text
+    with pytest.raises(BundleError, match="op Foo"):
+        ModelBundle.load(tiny_bundle, runtime="onnx")  # asked for by name: the error stands
+
+
 def test_mixed_precision_on_cpu_falls_back_to_float32(tiny_bundle, unseen, caplog):
     pixels = unseen["Covid_19"][0][:4]
     with caplog.at_level(logging.WARNING, logger="node.bundle"):
@@ -272,7 +300,7 @@ def test_model_that_disagrees_with_model_json_is_refused(tiny_bundle):
     ("path", "runtime", "message"),
     [
         ("nowhere", "keras", "no such model bundle folder"),
-        (None, "torch", "runtime must be one of keras, onnx"),
+        (None, "torch", "runtime must be one of auto, keras, onnx"),
     ],
 )
 def test_load_refuses_bad_arguments(tiny_bundle, tmp_path, path, runtime, message):
