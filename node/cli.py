@@ -111,6 +111,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from node.service import build_node, serve
 
     node = build_node(settings, migrate=True)
+    node.store.prepare()  # refuse to start on a store that cannot be written
     analysis = args.command == "serve"
     with_worker = analysis and (args.worker if args.worker is not None else not settings.broker_url)
     stop = threading.Event()

@@ -103,6 +103,7 @@ def pull_dicomweb(
     progress: Callable[[StudyMatch, int], Callable[[], None]] | None = None,
 ) -> PullReport:
     """QIDO-RS the CT studies, keep matching descriptions, WADO-RS what is missing."""
+    ingestor.store.prepare()
     puller = DicomwebPuller(settings, ingestor, peer)
     report = PullReport()
     try:

@@ -317,6 +317,7 @@ def pull_dimse(
     """Find CT studies, keep those whose description matches, retrieve what is missing."""
     if method not in ("get", "move"):
         raise ValueError(f"method must be 'get' or 'move', got {method!r}")
+    ingestor.store.prepare()
     puller = DimsePuller(settings, ingestor, peer)
     report = PullReport()
     studies = puller.find_studies(date_range)

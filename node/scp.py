@@ -180,6 +180,7 @@ def start_scp(
     settings: Settings, ingestor: Ingestor, *, block: bool = False
 ) -> ThreadedAssociationServer | None:
     """Start listening on ``settings.dicom_host:dicom_port``; returns the server unless blocking."""
+    ingestor.store.prepare()  # the fan-out folders, so no write pays for making its folder
     ae = make_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, handle_conn_open),

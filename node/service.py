@@ -45,8 +45,9 @@ def build_node(settings: Settings, *, migrate: bool = False) -> Node:
     else:
         schema.require_current(engine)
     session_factory = make_session_factory(engine)
+    # The 4,096 fan-out folders are made by the processes that receive (SCP, pull); a web UI,
+    # worker or CLI node that never writes does not need them.
     store = InstanceStore(settings.store_path)
-    store.prepare()
     return Node(settings, engine, session_factory, store, Ingestor(store, session_factory))
 
 

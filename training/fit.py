@@ -126,7 +126,11 @@ def validation_data(run: PreparedRun, split: str, batch_size: int):
         tf.TensorSpec((None, size, size, 1), tf.uint8),
         tf.TensorSpec((None,), tf.int64),
     )
-    return tf.data.Dataset.from_generator(one_pass, output_signature=spec)
+    steps = sum(-(-s["images"] // batch_size) for s in run.info["shards"][split])
+    dataset = tf.data.Dataset.from_generator(one_pass, output_signature=spec)
+    # Its length, so Keras neither warns that the input "ran out of data" at the end of
+    # every validation nor has to find the end by running into it.
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps))
 
 
 def fit(
@@ -345,6 +349,7 @@ def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) 
         epochs=end_epoch,
         initial_epoch=state["epoch"],
         callbacks=callbacks,
+        shuffle=False,  # the batches come shuffled per shard (train_batches)
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar for people, lines for logs
     )
     state["stopped"] = early.stopped_epoch > 0
