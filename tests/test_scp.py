@@ -199,8 +199,8 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
     try:
         settings = make_settings(store_url=store.as_uri())
         node = build_node(settings, migrate=True)
-        break_store(store)
         server = start_scp(settings, node.ingestor)
+        break_store(store)  # under the running SCP
         try:
             ae = AE(ae_title="TESTSCU")
             ae.add_requested_context(CTImageStorage)
