@@ -151,8 +151,13 @@ def test_resuming_with_other_options_is_refused_until_restart(tmp_path):
     assert _start_state(folder, FitOptions(input_size=64, epochs=20), restart=False)["epoch"] == 2
     with pytest.raises(FitError, match=r"other options \(input_size\).*--restart"):
         _start_state(folder, FitOptions(input_size=96), restart=False)
+    # What the last start model gave goes too, so a restart from another bundle extracts anew.
+    for name in ("backbone.weights.h5", "start_head.npz"):
+        (folder / name).write_bytes(b"from the last start model")
     assert _start_state(folder, FitOptions(input_size=96), restart=True)["epoch"] == 0
-    assert not (folder / "last.keras").exists()
+    assert not any(
+        (folder / n).exists() for n in ("last.keras", "backbone.weights.h5", "start_head.npz")
+    )
 
 
 def test_devices_fall_back_to_float32_on_one_cpu():

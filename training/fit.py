@@ -168,9 +168,8 @@ def fit(
 def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
     """The loop state to start from: fresh, or the saved one when resuming."""
     if restart and folder.exists():
-        for name in (STATE_FILE, LAST_MODEL, BEST_MODEL, HISTORY_FILE, SUMMARY_FILE, OPTIONS_FILE):
-            (folder / name).unlink(missing_ok=True)
-        for name in (BACKBONE_WEIGHTS, HEAD_FILE):  # extracted from the last start model
+        made = (STATE_FILE, LAST_MODEL, BEST_MODEL, HISTORY_FILE, SUMMARY_FILE, OPTIONS_FILE)
+        for name in (*made, BACKBONE_WEIGHTS, HEAD_FILE):  # and what the start model gave
             (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / STATE_FILE).exists() and (folder / LAST_MODEL).exists():
