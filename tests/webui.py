@@ -58,9 +58,9 @@ def web_node(make_settings, accounts_database):
     """A migrated node with a radiologist and an admin account."""
     settings = make_settings(web_secure_cookies=False)
     url = settings.resolved_database_url
-    copy = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+    target = Path(url.removeprefix("sqlite:///"))
+    copy = url.startswith("sqlite:///") and not target.exists()
     if copy:
-        target = Path(url.removeprefix("sqlite:///"))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(accounts_database, target)
     node = build_node(settings, migrate=True)  # a copy is at head already: nothing to do

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import keras
 import numpy as np
+
+from node.bundle import INFO_FILE, ModelInfo
 
 LITE_BACKBONES = tuple(f"EfficientNetLite{i}" for i in range(3))
 BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + LITE_BACKBONES
@@ -243,9 +244,8 @@ def backbone_weights(source: str | os.PathLike, backbone: str, out: str | os.Pat
     source = Path(source)
     classes: list[str] = []
     if source.is_dir():
-        info = source / "model.json"
-        if info.is_file():
-            classes = [str(c) for c in json.loads(info.read_text(encoding="utf-8"))["classes"]]
+        if (source / INFO_FILE).is_file():  # a bundle: its model.json, read as the node does
+            classes = list(ModelInfo.from_json(source / INFO_FILE).classes)
         source = source / "model.keras"
     if source.suffix != ".keras":
         return source
