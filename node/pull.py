@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -34,8 +36,9 @@ from pynetdicom.sop_class import (
     XRayRadiationDoseSRStorage,
 )
 
+from node import dimse
 from node.ingest import Ingestor
-from node.scp import UNCOMPRESSED, handle_conn_open, handle_store, start_scp
+from node.scp import UNCOMPRESSED, handle_conn_open, start_scp, store_instance
 from node.settings import Peer, Settings
 
 log = logging.getLogger(__name__)
@@ -223,24 +226,49 @@ class DimsePuller:
         return [str(found.SOPInstanceUID) for found in self.find(query)]
 
     def get_study(self, study_instance_uid: str, on_instance: Callable[[], None]) -> None:
-        """C-GET a whole study; every instance arrives through the node's store handler."""
+        """C-GET a whole study; every instance is stored durably before it is acknowledged."""
+        peer = f"{self.peer.ae_title}@{self.peer.host}:{self.peer.port}"
+        contexts = cget_contexts()
+        try:
+            association = dimse.Requestor(
+                self.peer.host,
+                self.peer.port,
+                self.settings.ae_title,
+                self.peer.ae_title,
+                contexts,
+                scp_roles=IMAGE_CLASSES + DOCUMENT_CLASSES,
+                timeout=self.settings.network_timeout,
+                max_pdu=self.settings.max_pdu_size,
+            )
+        except dimse.DimseError as exc:
+            raise PullError(f"association to {peer}: {exc}") from exc
 
-        def on_store(event: evt.Event) -> int | Dataset:
-            status = handle_store(event, self.ingestor, source_ae=self.peer.ae_title)
+        def on_store(context: dimse.AcceptedContext, message: dimse.Message):
+            status, comment = store_instance(
+                self.ingestor, message, context.transfer_syntax, self.peer.ae_title, peer
+            )
             if status == 0:
                 on_instance()
-            return status
+            return status, comment
 
-        assoc = self._associate(add_cget_contexts, [(evt.EVT_C_STORE, on_store)])
+        get_context = association.context_for(StudyRootQueryRetrieveInformationModelGet)
         try:
-            final = None
-            for status, _identifier in assoc.send_c_get(
-                _retrieve_identifier(study_instance_uid), StudyRootQueryRetrieveInformationModelGet
-            ):
-                final = status
-            _check_suboperations(_check_final(final, "C-GET", self.peer), "C-GET")
-        finally:
-            assoc.release()
+            if get_context is None:
+                raise PullError(f"{peer} does not offer Study Root C-GET")
+            identifier = encode(
+                _retrieve_identifier(study_instance_uid),
+                get_context.transfer_syntax == ImplicitVRLittleEndian,
+                True,
+            )
+            final = association.get(StudyRootQueryRetrieveInformationModelGet, identifier, on_store)
+        except dimse.DimseError as exc:
+            association.abort()
+            raise PullError(f"C-GET from {peer} broke off: {exc}") from exc
+        except BaseException:
+            association.abort()
+            raise
+        association.release()
+        _check_suboperations(_check_final(_status_dataset(final), "C-GET", self.peer), "C-GET")
 
     def move_study(self, study_instance_uid: str) -> None:
         """C-MOVE a whole study to this node's own AE (its SCP must be listening)."""
@@ -263,19 +291,31 @@ class DimsePuller:
             assoc.release()
 
 
-def add_cget_contexts(ae: AE) -> list:
-    """Request C-GET plus storage contexts (SCP role) for what a chest CT study carries.
+def cget_contexts() -> list[tuple[str, list[str]]]:
+    """C-GET plus storage contexts (SCP role) for what a chest CT study carries.
 
     One context per (image class, syntax) so the PACS can send each file in the
     syntax it holds it in; 128 contexts at most, as the protocol allows.
     """
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED[:2])]
     for sop_class in IMAGE_CLASSES:
-        for syntax in IMAGE_SYNTAXES:
-            ae.add_requested_context(sop_class, syntax)
-    for sop_class in DOCUMENT_CLASSES:
-        ae.add_requested_context(sop_class, DOCUMENT_SYNTAXES)
-    return [build_role(c, scp_role=True) for c in IMAGE_CLASSES + DOCUMENT_CLASSES]
+        contexts += [(sop_class, [syntax]) for syntax in IMAGE_SYNTAXES]
+    contexts += [(sop_class, DOCUMENT_SYNTAXES) for sop_class in DOCUMENT_CLASSES]
+    return contexts
+
+
+def _status_dataset(final: dimse.GetStatus | None) -> Dataset | None:
+    """The final C-GET response as the status Dataset the C-MOVE path also checks."""
+    if final is None:
+        return None
+    status = Dataset()
+    status.Status = final.status
+    status.NumberOfCompletedSuboperations = final.completed
+    status.NumberOfFailedSuboperations = final.failed
+    status.NumberOfWarningSuboperations = final.warning
+    if final.comment:
+        status.ErrorComment = final.comment
+    return status
 
 
 def _retrieve_identifier(study_instance_uid: str) -> Dataset:

@@ -1,16 +1,15 @@
-"""The node's DICOM Storage SCP: association policy, C-ECHO and durable C-STORE handlers."""
+"""The node's DICOM Storage SCP: association policy and the durable C-STORE (on ``node.dimse``)."""
 
 from __future__ import annotations
 
 import logging
 import socket
 
-from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
+from node import dimse
 from node.ingest import DatabaseUnavailable, Ingestor, Outcome
 from node.part10 import DatasetError
 from node.settings import Settings
@@ -58,142 +57,108 @@ LOSSY = [
 ACCEPTED_TRANSFER_SYNTAXES = LOSSLESS_COMPRESSED + UNCOMPRESSED + LOSSY
 
 
-def failure(status: int, comment: str) -> Dataset:
-    """A C-STORE response status with an Error Comment the sender can log."""
-    rsp = Dataset()
-    rsp.Status = status
-    rsp.ErrorComment = comment[:64]
-    return rsp
-
-
-def peer_of(event: evt.Event) -> str:
-    """``AE@host:port`` of the association's requestor, for logs."""
-    requestor = event.assoc.requestor
-    return f"{calling_ae_of(event)}@{requestor.address}:{requestor.port}"
-
-
-def calling_ae_of(event: evt.Event) -> str:
-    """The requestor's AE title, also before negotiation has copied it from the A-ASSOCIATE-RQ."""
-    requestor = event.assoc.requestor
-    title = requestor.ae_title or (
-        requestor.primitive.calling_ae_title if requestor.primitive else ""
-    )
-    return title.strip()
-
-
 def handle_conn_open(event: evt.Event) -> None:
-    """Disable Nagle on every connection: DIMSE is request/response, Nagle stalls each one."""
+    """Disable Nagle on a pynetdicom connection (DIMSE is request/response: Nagle stalls it)."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def handle_requested(event: evt.Event, settings: Settings, store: InstanceStore) -> None:
+def check_association(
+    request: dimse.AssociateRequest, peer: str, settings: Settings, store: InstanceStore
+) -> tuple[int, int, int] | None:
     """Refuse an association from an unknown calling AE or when the disk is nearly full."""
-    calling = calling_ae_of(event)
     allowed = settings.calling_ae_allow_list
-    if allowed is not None and calling not in allowed:
+    if allowed is not None and request.calling_ae not in allowed:
         log.warning(
             "association from %s rejected: calling AE %r not recognised (allowed: %s)",
-            peer_of(event),
-            calling,
+            peer,
+            request.calling_ae,
             ", ".join(sorted(allowed)) or "none",
         )
-        _reject(event, REJECT_CALLING_AE)
-        return
+        return REJECT_CALLING_AE
     free = store.free_bytes()
     if free < settings.min_free_disk_mb * 2**20:
         log.error(
             "association from %s rejected: %d MB free in the store, below the %d MB threshold",
-            peer_of(event),
+            peer,
             free // 2**20,
             settings.min_free_disk_mb,
         )
-        _reject(event, REJECT_LOCAL_LIMIT)
+        return REJECT_LOCAL_LIMIT
+    return None
 
 
-def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:
-    # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out
-    # and the peer has closed, else the socket is shut first and the peer sees an abort.
-    event.assoc.acse.send_reject(*reason)
-    event.assoc.kill()
-
-
-def handle_echo(event: evt.Event) -> int:
-    """C-ECHO: the node is up."""
-    return STATUS_SUCCESS
-
-
-def handle_store(
-    event: evt.Event, ingestor: Ingestor, source_ae: str | None = None
-) -> int | Dataset:
+def store_instance(
+    ingestor: Ingestor,
+    message: dimse.Message,
+    transfer_syntax: str,
+    source_ae: str,
+    peer: str,
+) -> tuple[int, str | None]:
     """C-STORE: answer success only once the file and its rows are committed.
 
-    ``source_ae`` names the sender when it is not the association's requestor
-    (the PACS answering our C-GET).
+    Returns the status and, for a failure, an Error Comment the sender can log.
     """
-    request = event.request
-    syntax = str(event.context.transfer_syntax)
-    source = source_ae or event.assoc.requestor.ae_title.strip()
     try:
-        result = ingestor.ingest_dataset(request.DataSet.getvalue(), syntax, source)
+        result = ingestor.ingest_dataset(message.dataset, transfer_syntax, source_ae)
     except DatasetError as exc:
-        log.warning("C-STORE from %s refused, dataset not understood: %s", peer_of(event), exc)
-        return failure(STATUS_CANNOT_UNDERSTAND, str(exc))
+        log.warning("C-STORE from %s refused, dataset not understood: %s", peer, exc)
+        return STATUS_CANNOT_UNDERSTAND, str(exc)
     except StoreError as exc:
-        log.error("C-STORE from %s refused, store cannot write: %s", peer_of(event), exc)
-        return failure(STATUS_OUT_OF_RESOURCES, f"store: {exc.strerror}")
+        log.error("C-STORE from %s refused, store cannot write: %s", peer, exc)
+        return STATUS_OUT_OF_RESOURCES, f"store: {exc.strerror}"
     except DatabaseUnavailable as exc:
-        log.error("C-STORE from %s refused, database: %s", peer_of(event), exc)
-        return failure(STATUS_OUT_OF_RESOURCES, "database unavailable")
-    if result.header.sop_instance_uid != request.AffectedSOPInstanceUID:
+        log.error("C-STORE from %s refused, database: %s", peer, exc)
+        return STATUS_OUT_OF_RESOURCES, "database unavailable"
+    command_uid = dimse.ui(message.command, dimse.CMD_AFFECTED_SOP_INSTANCE)
+    if result.header.sop_instance_uid != command_uid:
         # Stored under the dataset's own UID; the sender's command disagrees, so say so.
         log.warning(
             "C-STORE from %s: command UID %s differs from dataset UID %s",
-            peer_of(event),
-            request.AffectedSOPInstanceUID,
+            peer,
+            command_uid,
             result.header.sop_instance_uid,
         )
     if result.outcome is Outcome.DUPLICATE:
-        log.debug(
-            "C-STORE from %s: %s already stored", peer_of(event), result.header.sop_instance_uid
-        )
-    return STATUS_SUCCESS
+        log.debug("C-STORE from %s: %s already stored", peer, result.header.sop_instance_uid)
+    return STATUS_SUCCESS, None
 
 
-def make_ae(settings: Settings) -> AE:
-    """An AE that accepts Verification and every storage SOP class in every transfer syntax."""
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = settings.max_pdu_size
-    ae.network_timeout = settings.network_timeout
-    ae.acse_timeout = 30
-    ae.dimse_timeout = settings.network_timeout
-    ae.maximum_associations = 32
-    ae.require_called_aet = False
-    ae.add_supported_context(Verification)
+def supported_syntaxes() -> dict[str, list[str]]:
+    """Verification, and every storage SOP class in every transfer syntax we accept."""
+    syntaxes = {Verification: ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]}
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-    return ae
+        syntaxes[context.abstract_syntax] = ACCEPTED_TRANSFER_SYNTAXES
+    return syntaxes
 
 
 def start_scp(
     settings: Settings, ingestor: Ingestor, *, block: bool = False
-) -> ThreadedAssociationServer | None:
-    """Start listening on ``settings.dicom_host:dicom_port``; returns the server unless blocking."""
+) -> dimse.StorageServer:
+    """Start listening on ``settings.dicom_host:dicom_port``; returns the server once it stops
+    if blocking, else at once (``server.shutdown()`` stops it)."""
     ingestor.store.prepare()  # the fan-out folders, so no write pays for making its folder
-    ae = make_ae(settings)
-    handlers = [
-        (evt.EVT_CONN_OPEN, handle_conn_open),
-        (evt.EVT_REQUESTED, handle_requested, [settings, ingestor.store]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingestor]),
-    ]
+
+    def store(association: dimse.Association, context, message) -> tuple[int, str | None]:
+        return store_instance(
+            ingestor, message, context.transfer_syntax, association.calling_ae, association.peer
+        )
+
+    policy = dimse.AcceptorPolicy(
+        ae_title=settings.ae_title,
+        syntaxes=supported_syntaxes(),
+        check=lambda request, peer: check_association(request, peer, settings, ingestor.store),
+        store=store,
+        max_pdu=settings.max_pdu_size,
+        acse_timeout=30,
+        network_timeout=settings.network_timeout,
+        max_associations=32,
+    )
     log.info(
         "storage SCP %s listening on %s:%d",
         settings.ae_title,
         settings.dicom_host,
         settings.dicom_port,
     )
-    return ae.start_server(
-        (settings.dicom_host, settings.dicom_port), block=block, evt_handlers=handlers
-    )
+    return dimse.start_server(policy, settings.dicom_host, settings.dicom_port, block)

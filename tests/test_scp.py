@@ -298,7 +298,7 @@ def test_node_sockets_disable_nagle(node):
         assert assoc.is_established
         ours = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         theirs = [
-            a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            a.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             for a in server.active_associations
         ]
     finally:
@@ -309,9 +309,11 @@ def test_node_sockets_disable_nagle(node):
 
 
 def test_cget_requests_at_most_128_presentation_contexts():
-    from node.pull import add_cget_contexts
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-    ae = AE(ae_title="AINODE")
-    roles = add_cget_contexts(ae)
-    assert 40 <= len(ae.requested_contexts) <= 128
-    assert all(role.scp_role for role in roles)
+    from node.pull import cget_contexts
+
+    contexts = cget_contexts()
+    assert 40 <= len(contexts) <= 128
+    assert contexts[0][0] == StudyRootQueryRetrieveInformationModelGet
+    assert (CTImageStorage, ["1.2.840.10008.1.2.1"]) in contexts
