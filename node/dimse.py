@@ -87,10 +87,18 @@ _UL = struct.Struct("<I")
 
 # Our largest PDU when the peer sets no limit: big enough that a CT slice goes in a few.
 DEFAULT_SEND_PDU = 1 << 20
+# The largest P-DATA-TF we take when we announce no limit (0), and any other PDU: a
+# bound on what one announced length can make the node allocate.
+MAX_PDU_CEILING = 1 << 26
+MAX_CONTROL_PDU = 1 << 20
 
 
 class DimseError(Exception):
     """The peer broke the protocol, aborted, closed the connection or went silent."""
+
+
+class UnrecognisedPDU(DimseError):
+    """Bytes that are not a DICOM PDU (another protocol on the DICOM port)."""
 
 
 class AssociationRejected(DimseError):
@@ -413,8 +421,9 @@ class Message:
 class Link:
     """A DICOM upper-layer connection over a blocking socket."""
 
-    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None, max_receive: int = 0) -> None:
         self.sock = sock
+        self.max_receive = max_receive  # what we announced; 0: no limit (MAX_PDU_CEILING)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
         self.peer_max_pdu = 0
@@ -440,8 +449,20 @@ class Link:
         return buffer
 
     def read_pdu(self) -> tuple[int, bytearray]:
-        """The next PDU's type and variable field."""
+        """The next PDU's type and variable field.
+
+        The type and length are checked before the body is read, so that a stray
+        client (an HTTP request, a port scanner) is aborted at once instead of
+        making the node wait for, or allocate, gigabytes it announced.
+        """
         kind, length = _HEADER.unpack(self._read_exact(6))
+        if not ASSOCIATE_RQ <= kind <= ABORT:
+            raise UnrecognisedPDU(f"not a DICOM PDU (type 0x{kind:02X})")
+        limit = self.max_receive or MAX_PDU_CEILING
+        if kind == P_DATA and length > limit:
+            raise DimseError(f"a P-DATA-TF PDU of {length} bytes exceeds the {limit} negotiated")
+        if kind != P_DATA and length > MAX_CONTROL_PDU:
+            raise DimseError(f"a PDU of type 0x{kind:02X} announces {length} bytes")
         return kind, self._read_exact(length)
 
     def send(self, data: bytes) -> None:
@@ -639,12 +660,13 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         policy = self.server.policy
         address, port = self.client_address[:2]
-        link = Link(self.request, policy.acse_timeout)
+        link = Link(self.request, policy.acse_timeout, policy.max_pdu)
         try:
             association = self._associate(link, address, port)
         except (OSError, DimseError) as exc:
             log.warning("association from %s:%s failed before it began: %s", address, port, exc)
-            link.abort(ABORT_UNEXPECTED_PDU)
+            unrecognised = isinstance(exc, UnrecognisedPDU)
+            link.abort(ABORT_UNRECOGNISED_PDU if unrecognised else ABORT_UNEXPECTED_PDU)
             return
         if association is None:
             return
@@ -821,7 +843,7 @@ class Requestor:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise DimseError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-        self.link = Link(sock, timeout)
+        self.link = Link(sock, timeout, max_pdu)
         try:
             self.link.send(encode_associate_rq(calling_ae, called_ae, contexts, scp_roles, max_pdu))
             kind, body = self.link.read_pdu()

@@ -153,7 +153,7 @@ def start_scp(
         max_pdu=settings.max_pdu_size,
         acse_timeout=30,
         network_timeout=settings.network_timeout,
-        max_associations=32,
+        max_associations=settings.max_associations,
     )
     log.info(
         "storage SCP %s listening on %s:%d",

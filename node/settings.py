@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(1024, ge=0)
     max_pdu_size: int = Field(0, ge=0)
     network_timeout: float = Field(60.0, gt=0)
+    max_associations: int = Field(32, ge=1)
     log_level: str = "INFO"
     # analysis
     broker_url: str | None = None

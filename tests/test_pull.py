@@ -184,3 +184,48 @@ def test_pull_reports_an_unreachable_pacs(make_settings, tmp_path, capsys):
     config = write_config(settings, tmp_path / "gone.toml")
     assert main(["--config", str(config), "pull", "--all-dates", "--no-progress"]) == 2
     assert "association to GONE@127.0.0.1" in capsys.readouterr().err
+
+
+def test_cget_from_a_pacs_that_does_not_know_the_node_says_so(make_settings, pacs):
+    """Orthanc accepts the association, then aborts the C-GET of an unregistered AE."""
+    from node.pull import DimsePuller, PullError
+    from node.service import build_node
+
+    orthanc, uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)], ae_title="STRANGER")
+    node = build_node(settings, migrate=True)
+    try:
+        puller = DimsePuller(settings, node.ingestor, settings.peers[0])
+        with pytest.raises(PullError, match="ORTHANC aborted the C-GET .*registered"):
+            puller.get_study(uids[("TORAX SIMPLE", "ISO_IR 100", "20260110")], lambda: None)
+    finally:
+        node.close()
+
+
+def test_cget_into_a_full_store_reports_the_failed_suboperations(make_settings, pacs, tmp_path):
+    """Each C-STORE the node cannot keep is answered 0xA700; the pull names the failures."""
+    import subprocess
+
+    from node.pull import DimsePuller, PullError
+    from node.service import build_node
+
+    orthanc, uids = pacs
+    store = tmp_path / "full-store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(store)], check=True)
+    try:
+        settings = make_settings(peers=[orthanc_peer(orthanc)], store_url=store.as_uri())
+        orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
+        node = build_node(settings, migrate=True)
+        node.store.prepare()
+        (store / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+        try:
+            puller = DimsePuller(settings, node.ingestor, settings.peers[0])
+            with pytest.raises(PullError, match="3 sub-operations failed"):
+                puller.get_study(uids[("TORAX SIMPLE", "ISO_IR 100", "20260110")], lambda: None)
+            with node.session_factory() as session:
+                assert session.scalars(select(Instance)).all() == []
+        finally:
+            node.close()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)
