@@ -492,11 +492,11 @@ class Link:
             if final:
                 return
 
-    def take_pdata(self, body: bytearray) -> Message | None:
-        """Feed one P-DATA-TF variable field; returns a message when one is complete."""
+    def take_pdata(self, body: bytearray) -> list[Message]:
+        """Feed one P-DATA-TF variable field; returns the messages it completes."""
         view = memoryview(body)
         pos, end = 0, len(body)
-        message = None
+        messages = []
         while pos < end:
             if pos + 6 > end:
                 raise DimseError("a P-DATA-TF item is truncated")
@@ -505,10 +505,10 @@ class Link:
                 raise DimseError("a P-DATA-TF item is truncated")
             fragment = view[pos + 6 : pos + 4 + length]
             pos += 4 + length
-            if message is not None:
-                raise DimseError("a P-DATA-TF PDU carries data past the end of a message")
             message = self._take_fragment(cid, control, fragment)
-        return message
+            if message is not None:
+                messages.append(message)
+        return messages
 
     def _take_fragment(self, cid: int, control: int, fragment: memoryview) -> Message | None:
         if control & 0x01:  # command
@@ -581,7 +581,6 @@ class AcceptorPolicy:
     the C-STORE status and an optional error comment.
     """
 
-    ae_title: str
     syntaxes: dict[str, list[str]]  # abstract syntax -> transfer syntaxes, preferred first
     check: Callable[[AssociateRequest, str], tuple[int, int, int] | None]
     store: Callable[[Association, AcceptedContext, Message], tuple[int, str | None]]
@@ -661,27 +660,29 @@ class _Handler(socketserver.BaseRequestHandler):
         policy = self.server.policy
         address, port = self.client_address[:2]
         link = Link(self.request, policy.acse_timeout, policy.max_pdu)
+        self.association: Association | None = None
         try:
-            association = self._associate(link, address, port)
-        except (OSError, DimseError) as exc:
-            log.warning("association from %s:%s failed before it began: %s", address, port, exc)
-            unrecognised = isinstance(exc, UnrecognisedPDU)
-            link.abort(ABORT_UNRECOGNISED_PDU if unrecognised else ABORT_UNEXPECTED_PDU)
-            return
-        if association is None:
-            return
-        try:
-            _serve(association, policy)
+            try:
+                accepted = self._associate(link, address, port)
+            except (OSError, DimseError) as exc:
+                log.warning("association from %s:%s failed before it began: %s", address, port, exc)
+                unrecognised = isinstance(exc, UnrecognisedPDU)
+                link.abort(ABORT_UNRECOGNISED_PDU if unrecognised else ABORT_UNEXPECTED_PDU)
+                return
+            if accepted:
+                _serve(self.association, policy)
         finally:
-            self.server._leave(association)
+            if self.association is not None:
+                self.server._leave(self.association)
 
-    def _associate(self, link: Link, address: str, port: int) -> Association | None:
+    def _associate(self, link: Link, address: str, port: int) -> bool:
         kind, body = link.read_pdu()
         if kind != ASSOCIATE_RQ:
             raise DimseError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}")
         rq = parse_associate_rq(body)
         peer = f"{rq.calling_ae}@{address}:{port}"
         association = Association(link, rq.calling_ae, rq.called_ae, address, port)
+        self.association = association
         refusal = self.server.policy.check(rq, peer)
         if refusal is None and not self.server._admit(association):
             log.warning(
@@ -693,7 +694,7 @@ class _Handler(socketserver.BaseRequestHandler):
         if refusal is not None:
             link.send(encode_associate_rj(*refusal))
             _wait_for_close(link)
-            return None
+            return False
         link.peer_max_pdu = rq.max_pdu
         results = negotiate(rq, self.server.policy.syntaxes)
         proposed = {c.context_id: c.abstract_syntax for c in rq.contexts}
@@ -710,11 +711,12 @@ class _Handler(socketserver.BaseRequestHandler):
             len(association.contexts),
             len(rq.contexts),
         )
-        return association
+        return True
 
 
 def _wait_for_close(link: Link) -> None:
-    """After A-ASSOCIATE-RJ the requestor closes; wait briefly so it reads the reply."""
+    """After A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes: wait (5 s at most) so
+    that it reads the reply before the socket goes, else it would see an abort."""
     try:
         link.sock.settimeout(5)
         while link.sock.recv(4096):
@@ -731,8 +733,7 @@ def _serve(association: Association, policy: AcceptorPolicy) -> None:
         while True:
             kind, body = link.read_pdu()
             if kind == P_DATA:
-                message = link.take_pdata(body)
-                if message is not None:
+                for message in link.take_pdata(body):
                     _answer(association, policy, message)
             elif kind == RELEASE_RQ:
                 link.send(RELEASE_RP_PDU)
@@ -769,6 +770,9 @@ def _serve(association: Association, policy: AcceptorPolicy) -> None:
     except OSError as exc:
         log.warning("association from %s lost: %s", association.peer, exc)
         link.close()
+    except Exception:  # a coding error: say so, and tell the peer rather than hang up
+        log.exception("association from %s aborted: internal error", association.peer)
+        link.abort()
 
 
 def _answer(association: Association, policy: AcceptorPolicy, message: Message) -> None:
@@ -839,6 +843,7 @@ class Requestor:
     ) -> None:
         self.called_ae = called_ae
         self.contexts = contexts
+        self.timeout = timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -875,51 +880,64 @@ class Requestor:
         if context is None:
             raise DimseError(f"{self.called_ae} accepted no presentation context for C-GET")
         self._message_id += 1
-        self.link.send_message(
-            context.context_id, get_request(self._message_id, sop_class), identifier
-        )
+        try:
+            self.link.send_message(
+                context.context_id, get_request(self._message_id, sop_class), identifier
+            )
+            return self._get_responses(on_store)
+        except TimeoutError as exc:
+            raise DimseError(f"{self.called_ae} said nothing for {self.timeout} s") from exc
+        except OSError as exc:
+            raise DimseError(f"connection to {self.called_ae} lost: {exc}") from exc
+
+    def _get_responses(self, on_store) -> GetStatus | None:
         while True:
             try:
                 kind, body = self.link.read_pdu()
-            except DimseError:
+            except DimseError:  # the peer closed the connection
                 return None
             if kind == ABORT:
                 self.link.close()
                 return None
             if kind != P_DATA:
                 raise DimseError(f"unexpected PDU type 0x{kind:02X} during C-GET")
-            message = self.link.take_pdata(body)
-            if message is None:
-                continue
-            command_field = message.command_field
-            if command_field == C_STORE_RQ and message.dataset is not None:
-                sub_context = self.accepted.get(message.context_id)
-                if sub_context is None:
-                    raise DimseError(f"C-STORE on context {message.context_id}, not accepted")
-                status, comment = on_store(sub_context, message)
-                self.link.send_message(
-                    message.context_id,
-                    store_response(
-                        us(message.command, CMD_MESSAGE_ID, 0),
-                        ui(message.command, CMD_AFFECTED_SOP_CLASS),
-                        ui(message.command, CMD_AFFECTED_SOP_INSTANCE),
-                        status,
-                        comment,
-                    ),
-                )
-            elif command_field == C_GET_RSP:
-                status = us(message.command, CMD_STATUS, 0)
-                if status in (0xFF00, 0xFF01):
-                    continue
-                return GetStatus(
-                    status=status,
-                    completed=us(message.command, CMD_COMPLETED, 0),
-                    failed=us(message.command, CMD_FAILED, 0),
-                    warning=us(message.command, CMD_WARNING, 0),
-                    comment=ui(message.command, CMD_ERROR_COMMENT),
-                )
-            else:
-                raise DimseError(f"unexpected DIMSE command 0x{command_field or 0:04X} in C-GET")
+            for message in self.link.take_pdata(body):
+                final = self._get_message(message, on_store)
+                if final is not None:
+                    return final
+
+    def _get_message(self, message: Message, on_store) -> GetStatus | None:
+        """Answer a C-STORE sub-operation; the final C-GET-RSP as a GetStatus, else None."""
+        command_field = message.command_field
+        if command_field == C_STORE_RQ and message.dataset is not None:
+            sub_context = self.accepted.get(message.context_id)
+            if sub_context is None:
+                raise DimseError(f"C-STORE on context {message.context_id}, not accepted")
+            status, comment = on_store(sub_context, message)
+            self.link.send_message(
+                message.context_id,
+                store_response(
+                    us(message.command, CMD_MESSAGE_ID, 0),
+                    ui(message.command, CMD_AFFECTED_SOP_CLASS),
+                    ui(message.command, CMD_AFFECTED_SOP_INSTANCE),
+                    status,
+                    comment,
+                ),
+            )
+        elif command_field == C_GET_RSP:
+            status = us(message.command, CMD_STATUS, 0)
+            if status in (0xFF00, 0xFF01):
+                return None
+            return GetStatus(
+                status=status,
+                completed=us(message.command, CMD_COMPLETED, 0),
+                failed=us(message.command, CMD_FAILED, 0),
+                warning=us(message.command, CMD_WARNING, 0),
+                comment=ui(message.command, CMD_ERROR_COMMENT),
+            )
+        else:
+            raise DimseError(f"unexpected DIMSE command 0x{command_field or 0:04X} in C-GET")
+        return None
 
     def release(self) -> None:
         """A-RELEASE, then close (abort if the peer does not answer)."""

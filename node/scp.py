@@ -146,7 +146,6 @@ def start_scp(
         )
 
     policy = dimse.AcceptorPolicy(
-        ae_title=settings.ae_title,
         syntaxes=supported_syntaxes(),
         check=lambda request, peer: check_association(request, peer, settings, ingestor.store),
         store=store,

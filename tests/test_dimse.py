@@ -276,3 +276,41 @@ def test_association_accept_is_read_back_by_pynetdicom():
     assert results == [(1, 0x00, ExplicitVRLittleEndian), (3, 0x03, ImplicitVRLittleEndian)]
     assert pdu.user_information.maximum_length == 0
     assert pdu.user_information.implementation_version_name.startswith("AINODE")
+
+
+def test_two_messages_in_one_pdu_are_both_answered(scp):
+    """PS3.8 lets one P-DATA-TF carry several PDVs; two C-ECHO-RQs in one get two answers."""
+    association = dimse.Requestor(
+        "127.0.0.1",
+        scp.settings.dicom_port,
+        "TESTSCU",
+        "AINODE",
+        [(Verification, [ImplicitVRLittleEndian])],
+        scp_roles=[],
+        timeout=10,
+    )
+    cid = association.context_for(Verification).context_id
+
+    def echo(message_id: int) -> bytes:
+        command = dimse.encode_command(
+            [
+                (dimse.CMD_AFFECTED_SOP_CLASS, Verification.encode() + b"\x00"),
+                (dimse.CMD_FIELD, struct.pack("<H", dimse.C_ECHO_RQ)),
+                (dimse.CMD_MESSAGE_ID, struct.pack("<H", message_id)),
+                (dimse.CMD_DATASET_TYPE, struct.pack("<H", dimse.NO_DATASET)),
+            ]
+        )
+        return struct.pack(">IBB", len(command) + 2, cid, 0x03) + command
+
+    pdvs = echo(7) + echo(8)
+    association.link.send(struct.pack(">BxI", 0x04, len(pdvs)) + pdvs)
+    answered = []
+    while len(answered) < 2:
+        kind, body = association.link.read_pdu()
+        assert kind == dimse.P_DATA
+        for message in association.link.take_pdata(body):
+            assert message.command_field == dimse.C_ECHO_RSP
+            assert dimse.us(message.command, dimse.CMD_STATUS) == 0
+            answered.append(dimse.us(message.command, dimse.CMD_RESPONDED_TO))
+    association.release()
+    assert answered == [7, 8]

@@ -229,3 +229,33 @@ def test_cget_into_a_full_store_reports_the_failed_suboperations(make_settings, 
             node.close()
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def test_cget_from_a_pacs_that_freezes_mid_study_times_out_and_keeps_what_came(make_settings, pacs):
+    """Orthanc stopped (SIGSTOP) after the first instance: the pull gives up after
+    network_timeout with a clear error; the instance that arrived is kept."""
+    import signal
+
+    from node.pull import DimsePuller, PullError
+    from node.service import build_node
+
+    orthanc, uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)], network_timeout=1)
+    orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
+    node = build_node(settings, migrate=True)
+    arrived = []
+
+    def freeze_pacs() -> None:
+        arrived.append(1)
+        if len(arrived) == 1:
+            orthanc.process.send_signal(signal.SIGSTOP)
+
+    try:
+        puller = DimsePuller(settings, node.ingestor, settings.peers[0])
+        with pytest.raises(PullError, match="ORTHANC said nothing for 1.0 s"):
+            puller.get_study(uids[("TORAX SIMPLE", "ISO_IR 100", "20260110")], freeze_pacs)
+        with node.session_factory() as session:
+            assert len(session.scalars(select(Instance)).all()) == 1
+    finally:
+        orthanc.process.send_signal(signal.SIGCONT)
+        node.close()
