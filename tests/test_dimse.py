@@ -314,3 +314,25 @@ def test_two_messages_in_one_pdu_are_both_answered(scp):
             answered.append(dimse.us(message.command, dimse.CMD_RESPONDED_TO))
     association.release()
     assert answered == [7, 8]
+
+
+def test_concurrent_senders_are_all_stored(scp, tmp_path):
+    """Three PACS pushing at once, one association each: every instance lands once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node import phantom
+    from node.db import Study
+
+    folders = []
+    for index in range(3):
+        spec = phantom.PhantomSpec(finding="normal", slices=8, seed=40 + index)
+        folders.append(phantom.write_series(spec, tmp_path / f"study{index}"))
+    with ThreadPoolExecutor(3) as pool:
+        results = list(
+            pool.map(lambda files: storescu("127.0.0.1", scp.settings.dicom_port, files), folders)
+        )
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+    with scp.session_factory() as session:
+        counts = sorted(s.instance_count for s in session.scalars(select(Study)))
+    assert counts == [8, 8, 8]
+    assert rows(scp) == 24 and len(stored_files(scp)) == 24
