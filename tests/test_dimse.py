@@ -8,6 +8,8 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from pydicom import dcmread
@@ -28,6 +30,19 @@ from node.part10 import split_part10
 from node.scp import start_scp
 from node.service import build_node
 from tests.peers import echoscu, storescu
+
+
+@contextmanager
+def running_scp(make_settings, **overrides) -> Iterator:
+    """A node with its SCP listening, built with these settings."""
+    settings = make_settings(**overrides)
+    node = build_node(settings, migrate=True)
+    server = start_scp(settings, node.ingestor)
+    try:
+        yield node, server
+    finally:
+        server.shutdown()
+        node.close()
 
 
 def rows(node) -> int:
@@ -118,15 +133,9 @@ def test_connection_cut_mid_instance_stores_nothing(scp, chest_series, caplog):
 
 def test_silent_association_is_aborted_after_the_network_timeout(make_settings, caplog):
     caplog.set_level(logging.WARNING, logger="node.dimse")
-    settings = make_settings(network_timeout=0.5)
-    node = build_node(settings, migrate=True)
-    server = start_scp(settings, node.ingestor)
-    try:
-        association = ct_association(settings.dicom_port)
-        kind, body = association.link.read_pdu()  # the sender says nothing; the node gives up
-    finally:
-        server.shutdown()
-        node.close()
+    with running_scp(make_settings, network_timeout=0.5) as (node, _server):
+        association = ct_association(node.settings.dicom_port)
+        kind, _body = association.link.read_pdu()  # the sender says nothing; the node gives up
     assert kind == dimse.ABORT
     assert "silent for 0.5 s" in wait_for_log(caplog, "aborted: silent")
 
@@ -152,39 +161,31 @@ def test_not_dicom_on_the_dicom_port_is_aborted_at_once(scp, caplog, sent, reaso
 
 def test_association_beyond_the_limit_is_rejected_until_one_ends(make_settings, caplog):
     caplog.set_level(logging.WARNING, logger="node.dimse")
-    settings = make_settings(max_associations=2)
-    node = build_node(settings, migrate=True)
-    server = start_scp(settings, node.ingestor)
-    try:
-        open_ones = [ct_association(settings.dicom_port) for _ in range(2)]
+    with running_scp(make_settings, max_associations=2) as (node, server):
+        port = node.settings.dicom_port
+        open_ones = [ct_association(port) for _ in range(2)]
         with pytest.raises(dimse.AssociationRejected, match="local limit exceeded"):
-            ct_association(settings.dicom_port)
-        refused = echoscu("127.0.0.1", settings.dicom_port, calling_ae="ECHOSCU")
+            ct_association(port)
+        refused = echoscu("127.0.0.1", port, calling_ae="ECHOSCU")
         assert refused.returncode != 0
         assert "Local Limit Exceeded" in refused.stdout + refused.stderr
         open_ones.pop().release()
         deadline = time.monotonic() + 10
         while len(server.active_associations) > 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        result = echoscu("127.0.0.1", settings.dicom_port, calling_ae="ECHOSCU")
+        result = echoscu("127.0.0.1", port, calling_ae="ECHOSCU")
         assert result.returncode == 0, result.stdout + result.stderr
         for association in open_ones:
             association.release()
-    finally:
-        server.shutdown()
-        node.close()
     assert "already 2 associations open" in wait_for_log(caplog, "rejected")
 
 
 def test_small_pdus_reassemble_byte_identical(make_settings, chest_series, caplog):
     """A node limited to 4 kB PDUs gets each slice in ~130 fragments; the file is whole."""
     caplog.set_level(logging.INFO, logger="node.dimse")
-    settings = make_settings(max_pdu_size=4096)
-    node = build_node(settings, migrate=True)
-    server = start_scp(settings, node.ingestor)
     files = chest_series[1][:3]
-    try:
-        result = storescu("127.0.0.1", settings.dicom_port, files)
+    with running_scp(make_settings, max_pdu_size=4096) as (node, _server):
+        result = storescu("127.0.0.1", node.settings.dicom_port, files)
         assert result.returncode == 0, result.stdout + result.stderr
         with node.session_factory() as session:
             kept = {r.sop_instance_uid: r.store_key for r in session.scalars(select(Instance))}
@@ -192,9 +193,6 @@ def test_small_pdus_reassemble_byte_identical(make_settings, chest_series, caplo
             uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
             stored = node.store.path(kept[uid]).read_bytes()
             assert split_part10(stored)[1] == split_part10(path.read_bytes())[1]
-    finally:
-        server.shutdown()
-        node.close()
     assert "STORESCU@127.0.0.1" in wait_for_log(caplog, "released: 3 stored, 0 refused")
 
 
