@@ -87,6 +87,7 @@ _UL = struct.Struct("<I")
 
 # Our largest PDU when the peer sets no limit: big enough that a CT slice goes in a few.
 DEFAULT_SEND_PDU = 1 << 20
+MIN_SEND_PDU = 4096
 # The largest P-DATA-TF we take when we announce no limit (0), and any other PDU: a
 # bound on what one announced length can make the node allocate.
 MAX_PDU_CEILING = 1 << 26
@@ -435,7 +436,11 @@ class Link:
     @property
     def send_pdu_limit(self) -> int:
         """Largest P-DATA-TF variable field we may send."""
-        return self.peer_max_pdu if self.peer_max_pdu else DEFAULT_SEND_PDU
+        if not self.peer_max_pdu:
+            return DEFAULT_SEND_PDU
+        # A peer announcing less than DCMTK's minimum gets fragments of that minimum
+        # (it would otherwise get none at all, or endless empty ones).
+        return max(self.peer_max_pdu, MIN_SEND_PDU)
 
     def _read_exact(self, size: int) -> bytearray:
         buffer = bytearray(size)
@@ -471,11 +476,12 @@ class Link:
     def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
         """Send one DIMSE message as P-DATA-TF PDUs within the peer's size limit."""
         chunk = self.send_pdu_limit - 6
-        self._send_fragments(context_id, command, 0x01, chunk, last=dataset is None)
+        self._send_fragments(context_id, command, 0x01, chunk)
         if dataset is not None:
-            self._send_fragments(context_id, dataset, 0x00, chunk, last=True)
+            self._send_fragments(context_id, dataset, 0x00, chunk)
 
-    def _send_fragments(self, cid: int, data: bytes, kind: int, chunk: int, last: bool) -> None:
+    def _send_fragments(self, cid: int, data: bytes, kind: int, chunk: int) -> None:
+        """One PDV a PDU; the last fragment of the command (or dataset) says so."""
         view = memoryview(data)
         pos = 0
         while True:

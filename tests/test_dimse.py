@@ -334,3 +334,30 @@ def test_concurrent_senders_are_all_stored(scp, tmp_path):
         counts = sorted(s.instance_count for s in session.scalars(select(Study)))
     assert counts == [8, 8, 8]
     assert rows(scp) == 24 and len(stored_files(scp)) == 24
+
+
+@pytest.mark.parametrize("peer_max_pdu", [0, 1, 4096, 16384])
+def test_messages_are_cut_to_the_peers_pdu_limit_and_reassembled(peer_max_pdu):
+    """What one Link sends within the peer's limit (at least 4 kB), the other reassembles."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _address = listener.accept()
+    sender, receiver = dimse.Link(ours, 10), dimse.Link(theirs, 10)
+    sender.peer_max_pdu = peer_max_pdu
+    command = store_command("1.2.3.4")
+    dataset = bytes(range(256)) * 200  # 51,200 bytes
+    sender.send_message(5, command, dataset)
+    sizes, messages = [], []
+    while not messages:
+        kind, body = receiver.read_pdu()
+        assert kind == dimse.P_DATA
+        sizes.append(len(body))
+        messages = receiver.take_pdata(body)
+    sender.close()
+    receiver.close()
+    [message] = messages
+    assert message.context_id == 5 and message.dataset == dataset
+    assert dimse.ui(message.command, dimse.CMD_AFFECTED_SOP_INSTANCE) == "1.2.3.4"
+    limit = max(peer_max_pdu, 4096) if peer_max_pdu else dimse.DEFAULT_SEND_PDU
+    assert max(sizes) <= limit
+    assert len(sizes) == 1 + -(-len(dataset) // (limit - 6))
