@@ -567,6 +567,7 @@ class Association:
     contexts: dict[int, AcceptedContext] = field(default_factory=dict)
     stored: int = 0
     failed: int = 0
+    stopping: bool = False  # the node aborts it because the server is shutting down
 
     @property
     def peer(self) -> str:
@@ -641,6 +642,7 @@ class StorageServer(socketserver.ThreadingTCPServer):
         super().shutdown()
         self.server_close()
         for association in self.active_associations:
+            association.stopping = True
             association.link.abort()
 
     def handle_error(self, request, client_address) -> None:
@@ -762,7 +764,23 @@ def _serve(association: Association, policy: AcceptorPolicy) -> None:
                 return
             else:
                 raise DimseError(f"unexpected PDU type 0x{kind:02X}")
-    except TimeoutError:
+    except (OSError, DimseError) as exc:
+        _ended(association, policy, exc)
+    except Exception:  # a coding error: say so, and tell the peer rather than hang up
+        log.exception("association from %s aborted: internal error", association.peer)
+        link.abort()
+
+
+def _ended(association: Association, policy: AcceptorPolicy, exc: Exception) -> None:
+    """Log why an association ended other than by release, and close it."""
+    link = association.link
+    if association.stopping:
+        log.info(
+            "association from %s aborted: the node is stopping (%d stored)",
+            association.peer,
+            association.stored,
+        )
+    elif isinstance(exc, TimeoutError):
         log.warning(
             "association from %s aborted: silent for %s s (%d stored)",
             association.peer,
@@ -770,15 +788,12 @@ def _serve(association: Association, policy: AcceptorPolicy) -> None:
             association.stored,
         )
         link.abort()
-    except DimseError as exc:
+    elif isinstance(exc, DimseError):
         log.warning("association from %s aborted: %s", association.peer, exc)
         link.abort(ABORT_UNEXPECTED_PDU)
-    except OSError as exc:
+    else:
         log.warning("association from %s lost: %s", association.peer, exc)
         link.close()
-    except Exception:  # a coding error: say so, and tell the peer rather than hang up
-        log.exception("association from %s aborted: internal error", association.peer)
-        link.abort()
 
 
 def _answer(association: Association, policy: AcceptorPolicy, message: Message) -> None:

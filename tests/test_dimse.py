@@ -361,3 +361,17 @@ def test_messages_are_cut_to_the_peers_pdu_limit_and_reassembled(peer_max_pdu):
     limit = max(peer_max_pdu, 4096) if peer_max_pdu else dimse.DEFAULT_SEND_PDU
     assert max(sizes) <= limit
     assert len(sizes) == 1 + -(-len(dataset) // (limit - 6))
+
+
+def test_stopping_node_aborts_open_associations_and_says_why(make_settings, caplog):
+    caplog.set_level(logging.INFO, logger="node.dimse")
+    with running_scp(make_settings) as (node, server):
+        association = ct_association(node.settings.dicom_port)
+        deadline = time.monotonic() + 10
+        while not server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.shutdown()
+        kind, _body = association.link.read_pdu()
+    assert kind == dimse.ABORT
+    assert "TESTSCU@127.0.0.1" in wait_for_log(caplog, "aborted: the node is stopping")
+    assert not [r for r in caplog.records if "closed the connection" in r.getMessage()]
