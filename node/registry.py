@@ -178,7 +178,10 @@ def activate(settings: Settings, session: Session, ref: str, by: str) -> Registe
     model = find_model(settings, name, version)
     if model.error is not None:
         raise BundleError(f"{model.ref} cannot be activated: {model.error}")
-    ModelBundle.load(model.folder)  # the weights load and agree with model.json
+    # Loaded as the workers will serve it: the weights agree with model.json, and under
+    # ONNX Runtime (auto on a CPU-only host) the export is made and cached now, so the
+    # wait (minutes for EfficientNetB7) is the activating admin's, not the next study's.
+    ModelBundle.load(model.folder, runtime=settings.model_runtime)
     session.add(ModelActivation(name=name, version=version, activated_by=by))
     session.flush()
     return dataclasses.replace(model, active=settings.model_dir is None)

@@ -28,6 +28,14 @@ DEMO = registry.BUILTIN_DIR
 DEMO_REF = "ainode-demo-phantom:0.3.0"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def demo_onnx_cached():
+    """The demo's ONNX export made once, so that copies of it activate without exporting."""
+    from node.bundle import ModelBundle
+
+    ModelBundle.load(DEMO, runtime="onnx")
+
+
 def add_bundle(settings, name: str, version: str, **fields) -> Path:
     """A registry bundle copied from the demo, its model.json renamed (no training)."""
     folder = registry.bundle_folder(settings, name, version)
@@ -251,3 +259,23 @@ def test_classify_uses_the_activated_bundle(settings, monkeypatch, capsys, tmp_p
     assert json.loads(capsys.readouterr().out)["model"] == "covid-ct 3.1"
     assert main(["classify", str(png)]) == 0
     assert "model: covid-ct 3.1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("runtime", "exported"), [("onnx", True), ("keras", False)])
+def test_activation_prepares_the_runtime_the_workers_will_use(
+    make_settings, runtime, exported, caplog
+):
+    """Under ONNX Runtime the export is made at activation (minutes for a large model),
+    so the first study analysed after it does not wait for it."""
+    import logging
+
+    built = build_node(make_settings(model_runtime=runtime), migrate=True)
+    try:
+        folder = add_bundle(built.settings, "covid-ct", "3.0")
+        (folder / "model.onnx").unlink(missing_ok=True)
+        caplog.set_level(logging.INFO, logger="node.bundle")
+        activate(built, "covid-ct:3.0")
+    finally:
+        built.close()
+    assert (folder / "model.onnx").is_file() is exported
+    assert any("exporting to ONNX" in r.getMessage() for r in caplog.records) is exported
