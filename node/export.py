@@ -138,19 +138,34 @@ def _create_salt_file(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Filter:
-    """Which labels select a study for export (all when every field is None)."""
+class LabelFilter:
+    """Which labels select a study for export (all when every field is None).
 
-    keywords: frozenset[str] | None
+    The export and the web UI's preview of it both select through this, so they agree.
+    """
+
+    keywords: frozenset[str] | None  # case-folded
     since: datetime | None
     until: datetime | None = None  # exclusive
 
-    def selects(self, label: Label) -> bool:
-        if self.keywords is not None and label.keyword.casefold() not in self.keywords:
+    @classmethod
+    def of(
+        cls,
+        keywords: Sequence[str] | None,
+        since: date | datetime | None = None,
+        until: date | datetime | None = None,
+    ) -> LabelFilter:
+        """Keywords (case-insensitive), labelled from ``since`` to the end of ``until`` (UTC)."""
+        folded = frozenset(k.casefold() for k in keywords) if keywords is not None else None
+        return cls(folded, _as_utc(since), _end_utc(until))
+
+    def selects(self, keyword: str, created_at: datetime) -> bool:
+        """Whether one label (its keyword and when it was put) selects its study."""
+        if self.keywords is not None and keyword.casefold() not in self.keywords:
             return False
-        if self.until is not None and label.created_at >= self.until:
+        if self.until is not None and created_at >= self.until:
             return False
-        return self.since is None or label.created_at >= self.since
+        return self.since is None or created_at >= self.since
 
 
 class _Skip(Exception):
@@ -207,11 +222,7 @@ def export_bundle(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     wanted = None if keywords is None else [check_keyword(k) for k in keywords]
-    selection = _Filter(
-        frozenset(k.casefold() for k in wanted) if wanted is not None else None,
-        _as_utc(since),
-        _end_utc(until),
-    )
+    selection = LabelFilter.of(wanted, since, until)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.partial"
     temp.mkdir()
@@ -249,7 +260,7 @@ def _end_utc(until: date | datetime | None) -> datetime | None:
 def _write_bundle(
     node: Node,
     folder: Path,
-    selection: _Filter,
+    selection: LabelFilter,
     mapping: Mapping[str, str | None],
     progress: Progress | None,
 ) -> ExportSummary:
@@ -278,7 +289,7 @@ def _write_bundle(
     return summary
 
 
-def _selected_studies(node: Node, selection: _Filter) -> list[tuple[str, list[Label]]]:
+def _selected_studies(node: Node, selection: LabelFilter) -> list[tuple[str, list[Label]]]:
     """(Study Instance UID, all its labels) of the studies a label selects, oldest first."""
     with node.session_factory() as session:
         rows = session.execute(
@@ -292,7 +303,7 @@ def _selected_studies(node: Node, selection: _Filter) -> list[tuple[str, list[La
     return [
         (uid, labels)
         for uid, labels in by_study.items()
-        if any(selection.selects(label) for label in labels)
+        if any(selection.selects(label.keyword, label.created_at) for label in labels)
     ]
 
 

@@ -1,9 +1,10 @@
 """What an export would hold, read from the labels alone: studies, patients, instances per class.
 
-No pixel is read and nothing is written. The selection follows :func:`node.export.export_bundle`
-(a study is taken when one of its labels is a chosen keyword, case-insensitive, labelled in the
-date range) and so does the class (series labels decide for their series, else the study's);
-the export itself may still skip a study that has no usable CT series or no lung slices.
+No pixel is read and nothing is written. The selection is the export's own
+(:class:`node.export.LabelFilter`: a study is taken when one of its labels is a chosen
+keyword, case-insensitive, labelled in the date range) and the class follows the export
+too (series labels decide for their series, else the study's); the export itself may
+still skip a study that has no usable CT series or no lung slices.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime
+from functools import cached_property
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db import Label, Study
+from node.export import LabelFilter
 from node.labels import LabelConflict, classify_keywords
 from node.result import CLASSES
 
@@ -37,15 +40,14 @@ class ExportSelection:
         if self.since is not None and self.until is not None and self.until < self.since:
             raise ValueError(f"'until' ({self.until}) is before 'since' ({self.since})")
 
+    @cached_property
+    def _filter(self) -> LabelFilter:
+        return LabelFilter.of(self.keywords, self.since, self.until)
+
     def selects(self, keyword: str, created_at: datetime) -> bool:
-        """Whether one label (its keyword and when it was put) selects its study."""
-        if self.keywords is not None and keyword.casefold() not in {
-            k.casefold() for k in self.keywords
-        }:
-            return False
-        if self.since is not None and created_at < _midnight(self.since):
-            return False
-        return self.until is None or created_at < _midnight(self.until + timedelta(days=1))
+        """Whether one label (its keyword and when it was put) selects its study, as the
+        export itself decides."""
+        return self._filter.selects(keyword, created_at)
 
     def as_dict(self) -> dict:
         """The selection as JSON (dates as ISO text)."""
@@ -54,10 +56,6 @@ class ExportSelection:
             "since": self.since.isoformat() if self.since else None,
             "until": self.until.isoformat() if self.until else None,
         }
-
-
-def _midnight(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=UTC)
 
 
 @dataclass
