@@ -88,8 +88,8 @@ _UL = struct.Struct("<I")
 # Our largest PDU when the peer sets no limit: big enough that a CT slice goes in a few.
 DEFAULT_SEND_PDU = 1 << 20
 MIN_SEND_PDU = 4096
-# The largest P-DATA-TF we take when we announce no limit (0), and any other PDU: a
-# bound on what one announced length can make the node allocate.
+# Bounds on what one announced PDU length can make the node allocate: a P-DATA-TF
+# (unless we announced a larger limit), and any other PDU.
 MAX_PDU_CEILING = 1 << 26
 MAX_CONTROL_PDU = 1 << 20
 
@@ -424,7 +424,7 @@ class Link:
 
     def __init__(self, sock: socket.socket, timeout: float | None, max_receive: int = 0) -> None:
         self.sock = sock
-        self.max_receive = max_receive  # what we announced; 0: no limit (MAX_PDU_CEILING)
+        self.max_receive = max_receive  # what we announced (0: no limit)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
         self.peer_max_pdu = 0
@@ -463,9 +463,11 @@ class Link:
         kind, length = _HEADER.unpack(self._read_exact(6))
         if not ASSOCIATE_RQ <= kind <= ABORT:
             raise UnrecognisedPDU(f"not a DICOM PDU (type 0x{kind:02X})")
-        limit = self.max_receive or MAX_PDU_CEILING
+        # Lenient with a sender that overshoots the limit we announced: the bound is only
+        # there so that one header cannot make the node allocate gigabytes.
+        limit = max(self.max_receive, MAX_PDU_CEILING)
         if kind == P_DATA and length > limit:
-            raise DimseError(f"a P-DATA-TF PDU of {length} bytes exceeds the {limit} negotiated")
+            raise DimseError(f"a P-DATA-TF PDU announces {length} bytes (at most {limit} taken)")
         if kind != P_DATA and length > MAX_CONTROL_PDU:
             raise DimseError(f"a PDU of type 0x{kind:02X} announces {length} bytes")
         return kind, self._read_exact(length)
