@@ -878,13 +878,16 @@ class Requestor:
         except (OSError, DimseError) as exc:
             self.link.close()
             raise DimseError(f"association to {called_ae}@{host}:{port} failed: {exc}") from exc
-        if kind == ASSOCIATE_RJ:
+        if kind == ASSOCIATE_RJ and len(body) >= 4:
             self.link.close()
             raise AssociationRejected(body[1], body[2], body[3])
-        if kind != ASSOCIATE_AC:
+        try:
+            if kind != ASSOCIATE_AC:
+                raise DimseError(f"association to {called_ae} aborted (PDU type 0x{kind:02X})")
+            self.accepted, self.link.peer_max_pdu = parse_associate_ac(body, contexts)
+        except DimseError:
             self.link.close()
-            raise DimseError(f"association to {called_ae} aborted (PDU type 0x{kind:02X})")
-        self.accepted, self.link.peer_max_pdu = parse_associate_ac(body, contexts)
+            raise
         self._message_id = 0
 
     def context_for(self, abstract_syntax: str) -> AcceptedContext | None:
