@@ -32,7 +32,6 @@ from node.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
@@ -429,7 +428,8 @@ class Link:
         self.sock.settimeout(timeout)
         self.peer_max_pdu = 0
         self._command = bytearray()
-        self._dataset: list[bytes] = []
+        # Views into the PDU bodies (each read gets its own buffer): one copy, at the join.
+        self._dataset: list[memoryview] = []
         self._pending: dict[int, bytes] | None = None
         self._pending_context = 0
 
@@ -533,13 +533,25 @@ class Link:
             return None
         if self._pending is None or cid != self._pending_context:
             raise DimseError("a dataset fragment arrived with no command before it")
-        self._dataset.append(bytes(fragment))
+        self._dataset.append(fragment)
         if not control & 0x02:
             return None
-        data = self._dataset[0] if len(self._dataset) == 1 else b"".join(self._dataset)
+        data = b"".join(self._dataset)
         message = Message(cid, self._pending, data)
         self._pending, self._dataset = None, []
         return message
+
+    def answer_store(self, request: Message, status: int, comment: str | None) -> None:
+        """Send the C-STORE-RSP for ``request``."""
+        command = request.command
+        response = store_response(
+            us(command, CMD_MESSAGE_ID, 0),
+            ui(command, CMD_AFFECTED_SOP_CLASS),
+            ui(command, CMD_AFFECTED_SOP_INSTANCE),
+            status,
+            comment,
+        )
+        self.send_message(request.context_id, response)
 
     def abort(self, source_reason: tuple[int, int] = ABORT_SERVICE_USER) -> None:
         """Send A-ABORT (if the socket still takes it) and close."""
@@ -716,10 +728,12 @@ class _Handler(socketserver.BaseRequestHandler):
         link.send(encode_associate_ac(rq, results, self.server.policy.max_pdu))
         link.sock.settimeout(self.server.policy.network_timeout)
         log.debug(
-            "association from %s accepted with %d of %d contexts",
+            "association from %s accepted with %d of %d contexts (implementation %s %s)",
             peer,
             len(association.contexts),
             len(rq.contexts),
+            rq.implementation_class_uid,
+            rq.implementation_version,
         )
         return True
 
@@ -803,23 +817,18 @@ def _answer(association: Association, policy: AcceptorPolicy, message: Message) 
     if context is None:
         raise DimseError(f"a message on presentation context {message.context_id}, not accepted")
     command_field = message.command_field
-    message_id = us(message.command, CMD_MESSAGE_ID, 0)
     if command_field == C_STORE_RQ and message.dataset is not None:
         status, comment = policy.store(association, context, message)
         if status == 0:
             association.stored += 1
         else:
             association.failed += 1
-        response = store_response(
-            message_id,
-            ui(message.command, CMD_AFFECTED_SOP_CLASS),
-            ui(message.command, CMD_AFFECTED_SOP_INSTANCE),
-            status,
-            comment,
+        association.link.answer_store(message, status, comment)
+    elif command_field == C_ECHO_RQ:
+        response = echo_response(
+            us(message.command, CMD_MESSAGE_ID, 0), ui(message.command, CMD_AFFECTED_SOP_CLASS)
         )
         association.link.send_message(message.context_id, response)
-    elif command_field == C_ECHO_RQ:
-        association.link.send_message(message.context_id, echo_response(message_id, VERIFICATION))
     else:
         raise DimseError(f"unsupported DIMSE command 0x{command_field or 0:04X}")
 
@@ -865,7 +874,6 @@ class Requestor:
         max_pdu: int = 0,
     ) -> None:
         self.called_ae = called_ae
-        self.contexts = contexts
         self.timeout = timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -939,17 +947,7 @@ class Requestor:
             sub_context = self.accepted.get(message.context_id)
             if sub_context is None:
                 raise DimseError(f"C-STORE on context {message.context_id}, not accepted")
-            status, comment = on_store(sub_context, message)
-            self.link.send_message(
-                message.context_id,
-                store_response(
-                    us(message.command, CMD_MESSAGE_ID, 0),
-                    ui(message.command, CMD_AFFECTED_SOP_CLASS),
-                    ui(message.command, CMD_AFFECTED_SOP_INSTANCE),
-                    status,
-                    comment,
-                ),
-            )
+            self.link.answer_store(message, *on_store(sub_context, message))
         elif command_field == C_GET_RSP:
             status = us(message.command, CMD_STATUS, 0)
             if status in (0xFF00, 0xFF01):

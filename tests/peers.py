@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -756,3 +756,19 @@ def start_redis(workdir: Path) -> RedisServer:
     server = RedisServer(port=free_port(), workdir=workdir)
     server.start()
     return server
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str = "size=1m") -> Iterator[Path]:
+    """A small real tmpfs mounted on ``folder`` (root only), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_tmpfs(folder: Path) -> None:
+    """Fill a 1 MB tmpfs but for 64 kB: room for folders, none for a CT slice."""
+    (folder / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))

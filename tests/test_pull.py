@@ -204,21 +204,17 @@ def test_cget_from_a_pacs_that_does_not_know_the_node_says_so(make_settings, pac
 
 def test_cget_into_a_full_store_reports_the_failed_suboperations(make_settings, pacs, tmp_path):
     """Each C-STORE the node cannot keep is answered 0xA700; the pull names the failures."""
-    import subprocess
-
     from node.pull import DimsePuller, PullError
     from node.service import build_node
+    from tests.peers import fill_tmpfs, tmpfs
 
     orthanc, uids = pacs
-    store = tmp_path / "full-store"
-    store.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(store)], check=True)
-    try:
+    with tmpfs(tmp_path / "full-store") as store:
         settings = make_settings(peers=[orthanc_peer(orthanc)], store_url=store.as_uri())
         orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
         node = build_node(settings, migrate=True)
         node.store.prepare()
-        (store / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+        fill_tmpfs(store)
         try:
             puller = DimsePuller(settings, node.ingestor, settings.peers[0])
             with pytest.raises(PullError, match="3 sub-operations failed"):
@@ -227,8 +223,6 @@ def test_cget_into_a_full_store_reports_the_failed_suboperations(make_settings, 
                 assert session.scalars(select(Instance)).all() == []
         finally:
             node.close()
-    finally:
-        subprocess.run(["umount", "-l", str(store)], check=False)
 
 
 def test_cget_from_a_pacs_that_freezes_mid_study_times_out_and_keeps_what_came(make_settings, pacs):

@@ -18,7 +18,7 @@ from node import phantom
 from node.db import Instance, Series, Study
 from node.part10 import split_part10
 from tests.conftest import orthanc_peer
-from tests.peers import echoscu, storescu
+from tests.peers import echoscu, fill_tmpfs, storescu, tmpfs
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -168,15 +168,6 @@ def test_bad_dataset_fails_alone_and_the_association_carries_on(
     assert len(stored_files(scp)) == 2
 
 
-def _mount_tmpfs(folder: Path, options: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
-
-
-def _fill(store: Path) -> None:
-    (store / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
-
-
 def _remount_read_only(store: Path) -> None:
     # What ext4 does to itself on I/O errors (errors=remount-ro) while the node runs.
     subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
@@ -184,7 +175,7 @@ def _remount_read_only(store: Path) -> None:
 
 @pytest.mark.parametrize(
     ("break_store", "expected"),
-    [(_fill, "No space left on device"), (_remount_read_only, "Read-only file system")],
+    [(fill_tmpfs, "No space left on device"), (_remount_read_only, "Read-only file system")],
     ids=["disk-full", "read-only"],
 )
 def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
@@ -194,9 +185,7 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
     from node.scp import start_scp
     from node.service import build_node
 
-    store = tmp_path / "small-store"
-    _mount_tmpfs(store, "size=1m")
-    try:
+    with tmpfs(tmp_path / "small-store") as store:
         settings = make_settings(store_url=store.as_uri())
         node = build_node(settings, migrate=True)
         server = start_scp(settings, node.ingestor)
@@ -216,21 +205,15 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
         leftovers = [p for p in store.rglob("*") if p.is_file() and p.name != "ballast"]
         assert leftovers == []
         node.close()
-    finally:
-        subprocess.run(["umount", "-l", str(store)], check=False)
 
 
 def test_node_refuses_to_start_on_a_store_it_cannot_write(make_settings, tmp_path, capsys):
     from node.cli import main
     from tests.config import write_config
 
-    store = tmp_path / "ro-store"
-    _mount_tmpfs(store, "size=1m,ro")
-    try:
+    with tmpfs(tmp_path / "ro-store", "size=1m,ro") as store:
         config = write_config(make_settings(store_url=store.as_uri()), tmp_path / "a.toml")
         assert main(["--config", str(config), "serve"]) == 2
-    finally:
-        subprocess.run(["umount", "-l", str(store)], check=False)
     err = capsys.readouterr().err
     assert f"cannot prepare the store at {store}" in err
     assert "Read-only file system" in err
