@@ -29,7 +29,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 
 from node import phantom
 from node.pull import DimsePuller
-from node.scp import handle_conn_open
+from node.network import handle_conn_open
 from node.service import build_node
 from node.settings import Peer, Settings
 from tests.config import write_config

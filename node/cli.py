@@ -375,15 +375,22 @@ def cmd_pull(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
+
     peer = settings.peer(args.peer)
-    ae = AE(ae_title=settings.ae_title)
+    ae = make_ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[NAGLE_OFF],
+        tls_args=client_tls_args(settings, peer),
+    )
     if not assoc.is_established:
-        raise PullError(f"association to {peer.ae_title}@{peer.host}:{peer.port} failed")
+        raise PullError(f"association to {peer_label(peer)} failed")
     status = assoc.send_c_echo()
     assoc.release()
     if not status or status.Status != 0:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -21,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from node.db import Instance, Series, Study, StudyStatus, utcnow
-from node.part10 import InstanceHeader, file_meta_bytes, read_header, split_part10
+from node.part10 import DatasetMismatch, InstanceHeader, read_header
 from node.store import InstanceStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ class Ingestor:
         store: InstanceStore,
         session_factory: sessionmaker,
         clock: Callable[[], datetime] = utcnow,
+        max_inflated_bytes: int = 2**31,
     ) -> None:
         self.store = store
         self.session_factory = session_factory
@@ -62,23 +67,52 @@ class Ingestor:
         self.clock = clock
         self.sql = _Statements(self.engine.dialect.name)
         self._parents = _ParentCache()
+        self.max_inflated_bytes = max_inflated_bytes
+        self._spool: Path | None = None
+        self._spool_lock = threading.Lock()
 
-    def ingest_dataset(
-        self, dataset_bytes: bytes, transfer_syntax_uid: str, source_ae: str | None
+    def spool_folder(self) -> Path:
+        """This process's folder for incoming datasets, in the store (made on first use)."""
+        with self._spool_lock:
+            if self._spool is None:
+                self._spool = self.store.spool_folder()
+            return self._spool
+
+    def remove_spool(self) -> None:
+        """Remove this process's spool folder (at shutdown)."""
+        with self._spool_lock:
+            if self._spool is not None:
+                shutil.rmtree(self._spool, ignore_errors=True)
+                self._spool = None
+
+    def ingest_file(
+        self, spooled: Path, source_ae: str | None, expected_sop_class: str | None = None
     ) -> IngestResult:
-        """Ingest an encoded dataset as received over DIMSE (no file meta).
+        """Ingest a Part 10 file received into :meth:`spool_folder`: checked whole, its
+        header read, moved into the store (a rename), its rows committed.
 
         Raises ``DatasetError`` (cannot understand), ``StoreError`` (cannot write)
-        or ``DatabaseUnavailable``; in each case nothing is recorded.
+        or ``DatabaseUnavailable``; in each case nothing is recorded. A file that is
+        not kept (refused or a duplicate) is left where it is, for the caller.
         """
-        header = read_header(dataset_bytes, transfer_syntax_uid)
-        return self._ingest(header, [file_meta_bytes(header, source_ae), dataset_bytes], source_ae)
+        header = read_header(spooled, self.max_inflated_bytes)
+        if expected_sop_class is not None and header.sop_class_uid != expected_sop_class:
+            raise DatasetMismatch(
+                f"the dataset's SOP class {header.sop_class_uid} is not the command's "
+                f"{expected_sop_class}"
+            )
+        return self._ingest(header, lambda key: self.store.adopt(key, spooled), source_ae)
 
     def ingest_part10(self, data: bytes, source_ae: str | None) -> IngestResult:
         """Ingest a whole DICOM Part 10 file (as WADO-RS returns), kept byte for byte."""
-        meta, dataset_bytes = split_part10(data)
-        header = read_header(dataset_bytes, str(meta.TransferSyntaxUID))
-        return self._ingest(header, [data], source_ae)
+        fd, name = tempfile.mkstemp(prefix=".", suffix=".part", dir=self.spool_folder())
+        spooled = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            return self.ingest_file(spooled, source_ae)
+        finally:
+            spooled.unlink(missing_ok=True)
 
     def is_stored(self, sop_instance_uid: str) -> bool:
         """Whether an instance with this SOP Instance UID has a committed row."""
@@ -86,7 +120,9 @@ class Ingestor:
             found = connection.execute(self.sql.instance_exists, {"uid": sop_instance_uid})
             return found.first() is not None
 
-    def _ingest(self, header: InstanceHeader, parts: list[bytes], source_ae: str | None):
+    def _ingest(
+        self, header: InstanceHeader, keep: Callable[[str], int], source_ae: str | None
+    ) -> IngestResult:
         key = self.store.key_for(header.sop_instance_uid)
         # The file is always written before its row, so without a file there is no row
         # and the common case costs a stat, not a query.
@@ -94,7 +130,7 @@ class Ingestor:
         if existed and self.is_stored(header.sop_instance_uid):
             log.info("instance %s already stored: kept the first copy", header.sop_instance_uid)
             return IngestResult(Outcome.DUPLICATE, header, key)
-        size = self.store.write(key, parts)
+        size = keep(key)
         row = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,

@@ -1,40 +1,33 @@
-"""Encoded DICOM datasets: completeness check, header attributes and Part 10 file meta.
+"""Received DICOM files: read with pydicom, checked whole, and the attributes the database keeps.
 
-The ingest path never decodes pixel data: it checks that the encoded dataset is
-structurally whole (every element's value fits, every undefined length is
-closed), reads the header attributes the database needs, and writes the bytes
-exactly as received behind a File Meta Information header.
+The ingest path never decodes pixel data. pydicom walks the file's top-level
+elements with deferred reads (values over 1 KiB are skipped, not loaded), which
+parses every sequence (including VR UN of undefined length, read as implicit VR
+per PS3.5 6.2.2) and finds the delimiter of encapsulated pixel data. pydicom
+itself is lenient with a file that ends early (it stops at the end of the
+file), so the walk also checks that the last element ends exactly where the
+file does: a dataset cut anywhere is refused, not stored half.
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.tag import Tag
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from node import __version__
 from node.store import check_uid
 
-IMPLEMENTATION_CLASS_UID = (
-    "2.25.147690549933150919621629165827312306498"  # a UUID-derived UID (2.25), fixed for ainode
-)
-IMPLEMENTATION_VERSION_NAME = f"AINODE_{__version__}"[:16]
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
-_UV = {b"UV"}
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
 _HEADER_KEYWORDS = [
     "SpecificCharacterSet",
     "SOPClassUID",
@@ -52,13 +45,35 @@ _HEADER_KEYWORDS = [
     "SeriesNumber",
     "InstanceNumber",
 ]
-_TAG = {keyword: int(Tag(keyword)) for keyword in _HEADER_KEYWORDS}
-_HEADER_TAG_SET = frozenset(_TAG.values())
-_PN_DELIMITERS = frozenset({0x5E, 0x3D})  # "^" and "=" separate PN components and groups
+_HEADER_TAGS = frozenset(int(Tag(keyword)) for keyword in _HEADER_KEYWORDS)
+_UNDEFINED = 0xFFFFFFFF
+_DEFER_BYTES = 1024
+_INFLATE_CHUNK = 1 << 20
+# What reading a malformed file can raise inside pydicom (never a coding error of ours).
+_READ_ERRORS = (
+    EOFError,
+    InvalidDicomError,
+    NotImplementedError,
+    OSError,
+    RecursionError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    struct.error,
+)
 
 
 class DatasetError(ValueError):
     """An encoded dataset that cannot be understood (corrupt, truncated, missing UIDs)."""
+
+
+class DatasetMismatch(DatasetError):
+    """A dataset whose SOP Class is not the one its C-STORE command names."""
+
+
+class DatasetTooLarge(DatasetError):
+    """A dataset over the node's size limit (inflated size for a deflated one)."""
 
 
 @dataclass(frozen=True)
@@ -82,120 +97,133 @@ class InstanceHeader:
     instance_number: int | None
 
 
-def check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> dict[int, bytes]:
-    """Raise :class:`DatasetError` unless the encoded dataset is structurally whole.
+def read_header(path: Path, max_inflated_bytes: int = 2**31) -> InstanceHeader:
+    """Check that the Part 10 file at ``path`` is whole and read the attributes kept.
 
-    Returns the raw values of the top-level header elements the database keeps.
+    Raises :class:`DatasetError` naming what is wrong; a deflated dataset that would
+    inflate beyond ``max_inflated_bytes`` raises :class:`DatasetTooLarge`.
     """
-    if not dataset_bytes:
+    with ExitStack() as stack:
+        fp: BinaryIO = stack.enter_context(open(path, "rb"))
+        meta = _file_meta(fp)
+        syntax = str(meta.TransferSyntaxUID)
+        if syntax == DeflatedExplicitVRLittleEndian:
+            fp = stack.enter_context(_inflated(fp, path.parent, max_inflated_bytes))
+        found = _walk(fp, syntax)
+    return _header(found, syntax)
+
+
+def _file_meta(fp: BinaryIO) -> FileMetaDataset:
+    try:
+        read_preamble(fp, force=False)
+        meta = _read_file_meta_info(fp)
+    except _READ_ERRORS as exc:
+        raise DatasetError(f"the file meta information cannot be read: {exc}") from exc
+    if "TransferSyntaxUID" not in meta:
+        raise DatasetError("the file meta information has no TransferSyntaxUID")
+    return meta
+
+
+def _inflated(fp: BinaryIO, folder: Path, limit: int):
+    """The deflated dataset that follows in ``fp``, inflated into a temp file (at most
+    ``limit`` bytes: a small deflated stream can expand ~1000-fold)."""
+    out = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (the caller closes it)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while chunk := fp.read(_INFLATE_CHUNK):
+            while chunk:
+                piece = inflater.decompress(chunk, _INFLATE_CHUNK)
+                total += len(piece)
+                if total > limit:
+                    raise DatasetTooLarge(
+                        f"the deflated dataset inflates beyond {limit // 2**20} MB"
+                    )
+                out.write(piece)
+                chunk = inflater.unconsumed_tail
+        out.write(inflater.flush())
+        if not inflater.eof:
+            raise DatasetError("the deflated dataset is truncated")
+    except zlib.error as exc:
+        out.close()
+        raise DatasetError(f"the deflated dataset cannot be inflated: {exc}") from exc
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return out
+
+
+def _walk(fp: BinaryIO, syntax: str) -> dict[int, object]:
+    """Walk the top-level elements; return the raw header elements. Raises if not whole."""
+    start = fp.tell()
+    size = fp.seek(0, 2)
+    fp.seek(start)
+    if size == start:
         raise DatasetError("the dataset is empty")
-    data = dataset_bytes
-    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise DatasetError(f"the deflated dataset cannot be inflated: {exc}") from exc
-    walker = _Walker(
-        data,
-        explicit=transfer_syntax_uid != ImplicitVRLittleEndian,
-        endian=">" if transfer_syntax_uid == ExplicitVRBigEndian else "<",
+    implicit = syntax == ImplicitVRLittleEndian
+    little = syntax != ExplicitVRBigEndian
+    found: dict[int, object] = {}
+    end, last = start, None
+    try:
+        for element in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES):
+            tag = int(element.tag)
+            if element.VR is None and not implicit:
+                raise DatasetError(f"invalid VR in {_name(tag)}: not the explicit VR it must be")
+            if element.length == _UNDEFINED:
+                end = fp.tell()
+            else:
+                end = element.value_tell + element.length
+                if end > size:
+                    raise DatasetError(
+                        f"truncated: {_name(tag)} needs {element.length} bytes, "
+                        f"{max(size - element.value_tell, 0)} left"
+                    )
+            last = tag
+            if tag in _HEADER_TAGS:
+                found[tag] = element
+    except DatasetError:
+        raise
+    except RecursionError as exc:
+        raise DatasetError("sequences nested too deeply to read") from exc
+    except _READ_ERRORS as exc:
+        raise DatasetError(f"cannot be read after {_name(last)}: {exc}") from exc
+    if end != size:
+        raise DatasetError(
+            f"truncated: {size - end} bytes after {_name(last)} do not form a whole element"
+        )
+    return found
+
+
+def _name(tag: int | None) -> str:
+    if tag is None:
+        return "the start"
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _header(found: dict[int, object], syntax: str) -> InstanceHeader:
+    dataset = Dataset(found)
+    dataset.set_original_encoding(
+        syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian, None
     )
-    walker.dataset(0, len(data), nested=False)
-    return walker.found
 
-
-class _Walker:
-    """Walks element headers without reading values; raises on anything that does not fit."""
-
-    def __init__(self, data: bytes, explicit: bool, endian: str) -> None:
-        self.data, self.explicit, self.endian = data, explicit, endian
-        self.found: dict[int, bytes] = {}
-
-    def _tag_length(self, pos: int) -> tuple[int, bytes | None, int, int]:
-        data, end = self.data, len(self.data)
-        if pos + 8 > end:
-            raise DatasetError(f"truncated: element header at byte {pos} is cut off")
-        group, element = struct.unpack_from(self.endian + "HH", data, pos)
-        tag = group << 16 | element
-        if self.explicit and group != 0xFFFE:
-            vr = data[pos + 4 : pos + 6]
-            if vr in _LONG_VRS or vr in _UV:
-                if pos + 12 > end:
-                    raise DatasetError(f"truncated: header of ({group:04X},{element:04X}) cut off")
-                (length,) = struct.unpack_from(self.endian + "L", data, pos + 8)
-                return tag, vr, length, pos + 12
-            if not vr.isalpha() or not vr.isupper():
-                raise DatasetError(f"invalid VR {vr!r} in ({group:04X},{element:04X})")
-            (length,) = struct.unpack_from(self.endian + "H", data, pos + 6)
-            return tag, vr, length, pos + 8
-        (length,) = struct.unpack_from(self.endian + "L", data, pos + 4)
-        return tag, None, length, pos + 8
-
-    def dataset(self, pos: int, end: int, nested: bool) -> int:
-        """Walk elements from ``pos``; a nested dataset stops at an item delimiter."""
-        previous = -1
-        while pos < end:
-            tag, vr, length, pos = self._tag_length(pos)
-            if tag == _ITEM_END and nested:
-                return pos
-            if tag >> 16 == 0xFFFE:
-                raise DatasetError(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-            if tag <= previous:
-                raise DatasetError(f"elements out of order at ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-            previous = tag
-            if length == _UNDEFINED:
-                pos = self.sequence(pos, end)
-            elif pos + length > end:
-                raise DatasetError(
-                    f"truncated: ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                    f"{end - pos} left"
-                )
-            else:
-                if not nested and tag in _HEADER_TAG_SET:
-                    self.found[tag] = self.data[pos : pos + length]
-                pos += length
-        if nested:
-            raise DatasetError("truncated: an item of undefined length is not closed")
-        return pos
-
-    def sequence(self, pos: int, end: int) -> int:
-        """Walk items (or pixel data fragments) up to the sequence delimiter."""
-        while True:
-            tag, _vr, length, pos = self._tag_length(pos)
-            if tag == _SEQ_END:
-                return pos
-            if tag != _ITEM:
-                raise DatasetError(f"expected an item in a sequence, got tag {tag:08X}")
-            if length == _UNDEFINED:
-                pos = self.dataset(pos, end, nested=True)
-            elif pos + length > end:
-                raise DatasetError(f"truncated: an item needs {length} bytes, {end - pos} left")
-            else:
-                pos += length
-
-
-def read_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """Check the encoded dataset and read the attributes the database keeps.
-
-    One pass over the element headers does both; values are decoded with the
-    dataset's Specific Character Set.
-    """
-    found = check_complete(dataset_bytes, transfer_syntax_uid)
-    charset = found.get(_TAG["SpecificCharacterSet"], b"").decode("ascii", "replace")
-    encodings = convert_encodings([term.strip(" \x00") for term in charset.split("\\")])
-
-    def text(keyword: str, delimiters: frozenset = frozenset()) -> str | None:
-        raw = found.get(_TAG[keyword])
-        if raw is None:
+    def text(keyword: str) -> str | None:
+        try:
+            value = dataset.get(keyword)
+        except _READ_ERRORS:
             return None
-        return decode_bytes(raw, encodings, delimiters).strip(" \x00") or None
+        if value is None:
+            return None
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        return str(value).strip(" \x00") or None
 
     def uid(keyword: str) -> str:
-        raw = found.get(_TAG[keyword], b"").rstrip(b"\x00 ").decode("ascii", "replace")
-        if not raw:
+        value = text(keyword)
+        if not value:
             raise DatasetError(f"the dataset has no {keyword}")
         try:
-            return check_uid(raw, keyword)
+            return check_uid(value, keyword)
         except ValueError as exc:
             raise DatasetError(str(exc)) from exc
 
@@ -211,10 +239,10 @@ def read_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeade
         sop_instance_uid=uid("SOPInstanceUID"),
         study_instance_uid=uid("StudyInstanceUID"),
         series_instance_uid=uid("SeriesInstanceUID"),
-        transfer_syntax_uid=transfer_syntax_uid,
+        transfer_syntax_uid=syntax,
         modality=text("Modality"),
         patient_id=text("PatientID"),
-        patient_name=text("PatientName", _PN_DELIMITERS),
+        patient_name=text("PatientName"),
         study_date=text("StudyDate"),
         study_time=text("StudyTime"),
         accession_number=text("AccessionNumber"),
@@ -225,44 +253,10 @@ def read_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeade
     )
 
 
-def _short_element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
-
-
-def file_meta_bytes(header: InstanceHeader, source_ae: str | None) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group for a received dataset.
-
-    Encoded by hand (explicit VR little endian, as PS3.10 fixes it): the same
-    bytes pydicom's ``write_file_meta_info`` gives, in a hundredth of its time,
-    which is paid on every received instance.
-    """
-    elements = (
-        struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 2)
-        + b"\x00\x01"
-        + _short_element(0x00020002, b"UI", header.sop_class_uid.encode("ascii"), b"\x00")
-        + _short_element(0x00020003, b"UI", header.sop_instance_uid.encode("ascii"), b"\x00")
-        + _short_element(0x00020010, b"UI", header.transfer_syntax_uid.encode("ascii"), b"\x00")
-        + _short_element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
-        + _short_element(0x00020013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
-    )
-    if source_ae:
-        elements += _short_element(0x00020016, b"AE", source_ae.encode("ascii", "replace"), b" ")
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements))
-    return b"\x00" * 128 + b"DICM" + group_length + elements
-
-
 def split_part10(data: bytes) -> tuple[FileMetaDataset, bytes]:
     """Split a DICOM Part 10 file into its file meta and the encoded dataset bytes."""
     if data[128:132] != b"DICM":
         raise DatasetError("not a DICOM Part 10 file (no DICM prefix)")
-    try:
-        buffer = BytesIO(data)
-        read_preamble(buffer, force=False)
-        meta = _read_file_meta_info(buffer)
-    except Exception as exc:  # any failure to read the meta group means the file is unusable
-        raise DatasetError(f"the file meta information cannot be read: {exc}") from exc
-    if "TransferSyntaxUID" not in meta:
-        raise DatasetError("the file meta information has no TransferSyntaxUID")
+    buffer = BytesIO(data)
+    meta = _file_meta(buffer)
     return meta, data[buffer.tell() :]

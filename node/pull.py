@@ -10,15 +10,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import socket
+import time
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -36,9 +35,10 @@ from pynetdicom.sop_class import (
     XRayRadiationDoseSRStorage,
 )
 
-from node import dimse
+from node import spool
 from node.ingest import Ingestor
-from node.scp import UNCOMPRESSED, handle_conn_open, start_scp, store_instance
+from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
+from node.scp import UNCOMPRESSED, handle_store, start_scp
 from node.settings import Peer, Settings
 
 log = logging.getLogger(__name__)
@@ -170,34 +170,27 @@ class DimsePuller:
 
     def __init__(self, settings: Settings, ingestor: Ingestor, peer: Peer) -> None:
         self.settings, self.ingestor, self.peer = settings, ingestor, peer
+        self.where = peer_label(peer)
 
-    def _associate(self, contexts: Callable[[AE], list], handlers=()) -> Association:
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_pdu_size = self.settings.max_pdu_size
-        ae.network_timeout = ae.dimse_timeout = self.settings.network_timeout
-        roles = contexts(ae)
+    def _associate(self, ae: AE, handlers=(), roles=()) -> Association:
         assoc = ae.associate(
             self.peer.host,
             self.peer.port,
             ae_title=self.peer.ae_title,
-            ext_neg=roles,
-            evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open), *handlers],
+            ext_neg=list(roles),
+            evt_handlers=[NAGLE_OFF, *handlers],
+            tls_args=client_tls_args(self.settings, self.peer),
         )
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-            raise PullError(
-                f"association to {self.peer.ae_title}@{self.peer.host}:{self.peer.port} {reason}"
-            )
+            raise PullError(f"association to {self.where} {reason}")
         return assoc
 
     def find(self, query: Dataset) -> list[Dataset]:
         """Run one Study Root C-FIND and return the matches."""
-
-        def contexts(ae: AE) -> list:
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-            return []
-
-        assoc = self._associate(contexts)
+        ae = make_ae(self.settings)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = self._associate(ae)
         results: list[Dataset] = []
         try:
             for status, identifier in assoc.send_c_find(
@@ -225,59 +218,87 @@ class DimsePuller:
         query.SOPInstanceUID = ""
         return [str(found.SOPInstanceUID) for found in self.find(query)]
 
-    def get_study(self, study_instance_uid: str, on_instance: Callable[[], None]) -> None:
-        """C-GET a whole study; every instance is stored durably before it is acknowledged."""
-        peer = f"{self.peer.ae_title}@{self.peer.host}:{self.peer.port}"
-        contexts = cget_contexts()
-        try:
-            association = dimse.Requestor(
-                self.peer.host,
-                self.peer.port,
-                self.settings.ae_title,
-                self.peer.ae_title,
-                contexts,
-                scp_roles=IMAGE_CLASSES + DOCUMENT_CLASSES,
-                timeout=self.settings.network_timeout,
-                max_pdu=self.settings.max_pdu_size,
-            )
-        except dimse.DimseError as exc:
-            raise PullError(f"association to {peer}: {exc}") from exc
+    def get_study(
+        self,
+        study_instance_uid: str,
+        on_instance: Callable[[], None],
+        on_pending: Callable[[int], None] | None = None,
+    ) -> None:
+        """C-GET a whole study; every instance is stored durably before it is acknowledged.
 
-        def on_store(context: dimse.AcceptedContext, message: dimse.Message):
-            status, comment = store_instance(
-                self.ingestor, message, context.transfer_syntax, self.peer.ae_title, peer
-            )
+        ``on_instance`` is called for each instance kept, ``on_pending`` with the number
+        of sub-operations the PACS says remain. Ctrl-C sends C-CANCEL, then aborts.
+        """
+        spool.install()
+        ae = make_ae(self.settings)
+        ae.spool = spool.Spool(self.ingestor.spool_folder(), self.ingestor.max_inflated_bytes)
+        for abstract_syntax, syntaxes in cget_contexts():
+            ae.add_requested_context(abstract_syntax, syntaxes)
+        roles = [
+            build_role(sop_class, scp_role=True) for sop_class in IMAGE_CLASSES + DOCUMENT_CLASSES
+        ]
+        last_heard = [time.monotonic()]
+
+        def on_store(event: evt.Event) -> int | Dataset:
+            last_heard[0] = time.monotonic()
+            status = handle_store(event, self.ingestor, None)
             if status == 0:
                 on_instance()
-            return status, comment
+            return status
 
-        get_context = association.context_for(StudyRootQueryRetrieveInformationModelGet)
+        assoc = self._associate(ae, [(evt.EVT_C_STORE, on_store)], roles)
+        final = None
         try:
-            if get_context is None:
-                raise PullError(f"{peer} does not offer Study Root C-GET")
-            identifier = encode(
+            responses = assoc.send_c_get(
                 _retrieve_identifier(study_instance_uid),
-                get_context.transfer_syntax == ImplicitVRLittleEndian,
-                True,
+                StudyRootQueryRetrieveInformationModelGet,
+                msg_id=1,
             )
-            final = association.get(StudyRootQueryRetrieveInformationModelGet, identifier, on_store)
-        except dimse.DimseError as exc:
-            association.abort()
-            raise PullError(f"C-GET from {peer} broke off: {exc}") from exc
-        except BaseException:
-            association.abort()
+            for status, _identifier in responses:
+                final = status
+                if status and "Status" in status:
+                    last_heard[0] = time.monotonic()
+                if status and status.get("Status") == 0xFF00 and on_pending:
+                    on_pending(int(status.get("NumberOfRemainingSuboperations", 0) or 0))
+        except KeyboardInterrupt:
+            self._cancel(assoc, 1)
             raise
-        association.release()
-        _check_suboperations(_check_final(_status_dataset(final), "C-GET", self.peer), "C-GET")
+        except ValueError as exc:  # pynetdicom: no accepted context for C-GET
+            assoc.abort()
+            raise PullError(f"{self.where} does not offer Study Root C-GET: {exc}") from exc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        patience = min(self.settings.dimse_timeout, self.settings.network_timeout)
+        if (final is None or "Status" not in final) and (
+            time.monotonic() - last_heard[0] >= patience
+        ):
+            raise PullError(
+                f"C-GET from {self.where} broke off: {self.peer.ae_title} said nothing for "
+                f"{patience:g} s"
+            )
+        _check_suboperations(_check_final(final, "C-GET", self.peer), "C-GET")
+
+    def _cancel(self, assoc: Association, message_id: int) -> None:
+        """Ask the PACS to stop sending (C-CANCEL), then abort the association."""
+        log.warning("C-GET from %s interrupted: sending C-CANCEL", self.where)
+        context = next(
+            (
+                cx
+                for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet
+            ),
+            None,
+        )
+        if context is not None and assoc.is_established:
+            assoc.send_c_cancel(message_id, context.context_id)
+        assoc.abort()
 
     def move_study(self, study_instance_uid: str) -> None:
         """C-MOVE a whole study to this node's own AE (its SCP must be listening)."""
-
-        def contexts(ae: AE) -> list:
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            return []
-
-        assoc = self._associate(contexts)
+        ae = make_ae(self.settings)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = self._associate(ae)
         try:
             final = None
             for status, _identifier in assoc.send_c_move(
@@ -302,20 +323,6 @@ def cget_contexts() -> list[tuple[str, list[str]]]:
         contexts += [(sop_class, [syntax]) for syntax in IMAGE_SYNTAXES]
     contexts += [(sop_class, DOCUMENT_SYNTAXES) for sop_class in DOCUMENT_CLASSES]
     return contexts
-
-
-def _status_dataset(final: dimse.GetStatus | None) -> Dataset | None:
-    """The final C-GET response as the status Dataset the C-MOVE path also checks."""
-    if final is None:
-        return None
-    status = Dataset()
-    status.Status = final.status
-    status.NumberOfCompletedSuboperations = final.completed
-    status.NumberOfFailedSuboperations = final.failed
-    status.NumberOfWarningSuboperations = final.warning
-    if final.comment:
-        status.ErrorComment = final.comment
-    return status
 
 
 def _retrieve_identifier(study_instance_uid: str) -> Dataset:

@@ -21,11 +21,10 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 
 from node import __version__
+from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
 from node.result import CLASSES, StudyResult
-from node.scp import handle_conn_open
 from node.settings import Peer, Settings
 from node.store import check_uid
 
@@ -308,16 +307,15 @@ def _text_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, name) -> str
 
 def send_sr_dimse(ds: Dataset, settings: Settings, peer: Peer) -> None:
     """C-STORE the SR to ``peer`` as ``settings.ae_title``; raise :class:`SendError` on failure."""
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = settings.max_pdu_size
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.network_timeout
+    where = peer_label(peer)
+    ae = make_ae(settings)
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+        evt_handlers=[NAGLE_OFF],
+        tls_args=client_tls_args(settings, peer),
     )
     if not assoc.is_established:
         raise _association_failure(assoc, where)

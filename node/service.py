@@ -33,7 +33,8 @@ class Node:
     ingestor: Ingestor
 
     def close(self) -> None:
-        """Release database connections."""
+        """Release database connections and this process's spool folder."""
+        self.ingestor.remove_spool()
         self.engine.dispose()
 
 
@@ -48,7 +49,8 @@ def build_node(settings: Settings, *, migrate: bool = False) -> Node:
     # The 4,096 fan-out folders are made by the processes that receive (SCP, pull); a web UI,
     # worker or CLI node that never writes does not need them.
     store = InstanceStore(settings.store_path)
-    return Node(settings, engine, session_factory, store, Ingestor(store, session_factory))
+    ingestor = Ingestor(store, session_factory, max_inflated_bytes=settings.max_dataset_mb * 2**20)
+    return Node(settings, engine, session_factory, store, ingestor)
 
 
 def wait_for_schema(settings: Settings, timeout: float = 60.0) -> None:

@@ -41,6 +41,8 @@ class Peer(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(104, ge=1, le=65535)
     dicomweb_url: str | None = None
+    tls: bool = False  # DICOM TLS (PS3.15 B.1/B.2) to this peer's DIMSE port
+    tls_ca_bundle: Path | None = None  # CA certificates that sign the peer's (else the node's)
 
     @field_validator("ae_title")
     @classmethod
@@ -67,9 +69,19 @@ class Settings(BaseSettings):
     study_stable_seconds: float = Field(30.0, gt=0)
     study_description_patterns: list[str] = Field(default_factory=lambda: ["Tórax Simple"])
     min_free_disk_mb: int = Field(1024, ge=0)
-    max_pdu_size: int = Field(0, ge=0)
+    require_called_aet: bool = False
+    max_pdu_size: int = Field(65536, ge=4096, le=2**24)
+    max_dataset_mb: int = Field(2048, ge=1)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     max_associations: int = Field(32, ge=1)
+    max_pending_connections: int = Field(16, ge=1)
+    # DICOM TLS on the storage SCP (PS3.15 B.1/B.2); off unless a certificate is given
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_bundle: Path | None = None
+    tls_require_client_certificate: bool = False
     log_level: str = "INFO"
     # analysis
     broker_url: str | None = None
@@ -155,6 +167,17 @@ class Settings(BaseSettings):
         if value is not None and urlparse(value).scheme not in ("file", ""):
             raise ValueError(f"store_url must be a file:// URL or a path, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together: set both or neither")
+        if self.tls_require_client_certificate and self.tls_ca_bundle is None:
+            raise ValueError(
+                "tls_require_client_certificate needs tls_ca_bundle (the CAs that sign the "
+                "PACS's certificates)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_peers(self) -> Settings:

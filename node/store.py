@@ -8,6 +8,8 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ def check_uid(value: str, name: str = "UID") -> str:
     return value
 
 
+SPOOL = ".spool"  # datasets being received, one folder per receiving process
 FANOUT_DIGITS = 3  # 4096 folders: ten million instances is ~2,500 files a folder
 
 
@@ -114,6 +117,42 @@ class InstanceStore:
                 _remove_quietly(temp)
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
         return size
+
+    def adopt(self, key: str, spooled: Path) -> int:
+        """Move a file spooled in :meth:`spool_folder` to ``key`` durably (fsync, rename,
+        fsync folder): a received dataset is never copied. Returns its size.
+
+        Raises :class:`StoreError`; the spooled file is then left to its owner.
+        """
+        target = self.path(key)
+        try:
+            self._make_folder(target.parent)
+            fd = os.open(spooled, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            os.replace(spooled, target)
+            _fsync_folder(target.parent)
+        except OSError as exc:
+            raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
+        return size
+
+    def spool_folder(self) -> Path:
+        """A private folder for this process's incoming datasets, on the store's file system
+        (so that keeping one is a rename). Stale folders of processes gone a day are removed."""
+        spool = self.root / SPOOL
+        try:
+            self._make_folder(spool)
+            for stale in spool.iterdir():
+                if time.time() - stale.stat().st_mtime > 86400:
+                    shutil.rmtree(stale, ignore_errors=True)
+            return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=spool))
+        except OSError as exc:
+            raise StoreError(
+                exc.errno, f"cannot make a spool folder in {spool}: {exc.strerror}", "."
+            ) from exc
 
     def remove(self, key: str) -> None:
         """Remove the file under ``key`` if present."""

@@ -48,7 +48,7 @@ def _forget_parent_state(**_kwargs) -> None:
 def observer(node: Node) -> DeviceObserver:
     """The node as the SR's device observer."""
     from node import __version__
-    from node.part10 import IMPLEMENTATION_CLASS_UID
+    from node.network import IMPLEMENTATION_CLASS_UID
 
     return DeviceObserver(
         uid=IMPLEMENTATION_CLASS_UID,

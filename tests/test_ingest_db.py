@@ -50,8 +50,7 @@ def body_of(path):
 
 
 def ingest(ingestor, path, ae="TESTSCU"):
-    body, syntax = body_of(path)
-    return ingestor.ingest_dataset(body, syntax, ae)
+    return ingestor.ingest_part10(path.read_bytes(), ae)
 
 
 def study_row(ingestor) -> Study:
@@ -118,9 +117,9 @@ def test_concurrent_senders_of_one_study_make_one_study_row(ingestor, chest_seri
 
 
 def test_bad_dataset_records_nothing(ingestor, chest_series):
-    body, syntax = body_of(chest_series[1][0])
+    data = chest_series[1][0].read_bytes()
     with pytest.raises(DatasetError, match="truncated"):
-        ingestor.ingest_dataset(body[:-1000], syntax, "TESTSCU")
+        ingestor.ingest_part10(data[:-1000], "TESTSCU")
     with ingestor.session_factory() as session:
         assert session.scalars(select(Study)).all() == []
     assert [p for p in ingestor.store.root.rglob("*") if p.is_file()] == []
@@ -226,52 +225,3 @@ def test_file_without_row_is_written_again_on_resend(ingestor, chest_series):
     assert ingest(ingestor, files[0]).outcome == Outcome.STORED
     assert split_part10(ingestor.store.read(key))[1] == body
     assert study_row(ingestor).instance_count == 1
-
-
-@pytest.mark.parametrize("source_ae", ["STORESCU", "ORTHANC", "ODDAE", None])
-@pytest.mark.parametrize(
-    "sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25.123456789012345678901234567890"]
-)
-def test_hand_encoded_file_meta_is_what_pydicom_writes(source_ae, sop_instance_uid):
-    """The node writes File Meta Information itself (fast); pydicom is the reference."""
-    from io import BytesIO
-
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-
-    from node.part10 import (
-        IMPLEMENTATION_CLASS_UID,
-        IMPLEMENTATION_VERSION_NAME,
-        InstanceHeader,
-        file_meta_bytes,
-    )
-
-    header = InstanceHeader(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid=sop_instance_uid,
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.4.70",
-        **dict.fromkeys(
-            ["modality", "patient_id", "patient_name", "study_date", "study_time"]
-            + ["accession_number", "study_description", "series_description"]
-            + ["series_number", "instance_number"]
-        ),
-    )
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = header.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
-    meta.TransferSyntaxUID = header.transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    expected = BytesIO()
-    expected.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(expected, meta, enforce_standard=True)
-
-    encoded = file_meta_bytes(header, source_ae)
-    assert encoded == expected.getvalue()
-    parsed, rest = split_part10(encoded)
-    assert rest == b""
-    assert parsed.MediaStorageSOPInstanceUID == sop_instance_uid

@@ -14,7 +14,6 @@ from sqlalchemy import select
 from node import imaging, phantom, pipeline
 from node.bundle import ModelBundle
 from node.db import Analysis, Report, Study, utcnow
-from node.part10 import split_part10
 
 DEMO = Path(__file__).parent.parent / "node" / "models" / "demo"
 
@@ -26,8 +25,7 @@ def bundle() -> ModelBundle:
 
 def ingest_files(node, files) -> int:
     for path in files:
-        meta, body = split_part10(Path(path).read_bytes())
-        node.ingestor.ingest_dataset(body, str(meta.TransferSyntaxUID), "TESTSCU")
+        node.ingestor.ingest_part10(Path(path).read_bytes(), "TESTSCU")
     with node.session_factory() as session:
         return session.scalars(select(Study.id)).one()
 

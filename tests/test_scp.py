@@ -266,7 +266,8 @@ def test_node_sockets_disable_nagle(node):
     from pynetdicom import evt
     from pynetdicom.sop_class import Verification
 
-    from node.scp import handle_conn_open, start_scp
+    from node.network import handle_conn_open
+    from node.scp import start_scp
 
     server = start_scp(node.settings, node.ingestor)
     ae = AE(ae_title="TESTSCU")
@@ -281,7 +282,7 @@ def test_node_sockets_disable_nagle(node):
         assert assoc.is_established
         ours = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         theirs = [
-            a.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             for a in server.active_associations
         ]
     finally:
