@@ -20,6 +20,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
@@ -170,8 +171,8 @@ def _walk(fp: BinaryIO, syntax: str) -> dict[int, object]:
             tag = int(element.tag)
             if element.VR is None and not implicit:
                 raise DatasetError(f"invalid VR in {_name(tag)}: not the explicit VR it must be")
-            if element.length == _UNDEFINED:
-                end = fp.tell()
+            if not isinstance(element, RawDataElement) or element.length == _UNDEFINED:
+                end = fp.tell()  # a sequence (pydicom parsed it) or an undefined length
             else:
                 end = element.value_tell + element.length
                 if end > size:

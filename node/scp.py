@@ -15,10 +15,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_UNRECOGNISED_OPERATION = 0x0211
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -272,7 +275,9 @@ def handle_store(event: evt.Event, ingestor: Ingestor, associations: _Associatio
     tally = associations.get(association) if associations is not None else None
     if tally is not None:
         tally.busy = True
-    spooled = association.ae.spool.file_for(association, event.dataset_path)
+    spooled = None
+    if isinstance(request, C_STORE):
+        spooled = association.ae.spool.file_for(association, event.dataset_path)
     try:
         status = _store(event, ingestor, peer, spooled)
     finally:
@@ -287,12 +292,16 @@ def handle_store(event: evt.Event, ingestor: Ingestor, associations: _Associatio
             tally.refused += 1
         else:
             tally.stored += 1
-    log.debug("C-STORE %s from %s: %s", request.AffectedSOPInstanceUID, peer, status)
+    log.debug("%s from %s: %s", request.msg_type, peer, status)
     return status
 
 
 def _store(event: evt.Event, ingestor: Ingestor, peer: str, spooled) -> int | Dataset:
     request, context = event.request, event.context
+    if not isinstance(request, C_STORE):
+        # pynetdicom hands any request on a storage context to the storage handler
+        log.warning("%s from %s refused: not a storage operation", request.msg_type, peer)
+        return _status(STATUS_UNRECOGNISED_OPERATION, f"{request.msg_type} is not supported")
     command_class = str(request.AffectedSOPClassUID)
     if command_class != context.abstract_syntax:
         log.warning(
@@ -311,11 +320,11 @@ def _store(event: evt.Event, ingestor: Ingestor, peer: str, spooled) -> int | Da
         return _status(STATUS_OUT_OF_RESOURCES, f"dataset larger than {limit_mb} MB: not kept")
     try:
         result = ingestor.ingest_file(
-            event.dataset_path, peer.split("@")[0], expected_sop_class=command_class
+            Path(event.dataset_path), peer.split("@")[0], expected_sop_class=command_class
         )
     except DatasetMismatch as exc:
         log.warning("C-STORE from %s refused: %s", peer, exc)
-        return _status(STATUS_DATASET_MISMATCH, str(exc))
+        return _status(STATUS_DATASET_MISMATCH, "dataset SOP class differs from the command's")
     except DatasetTooLarge as exc:
         log.error("C-STORE from %s refused: %s", peer, exc)
         return _status(STATUS_OUT_OF_RESOURCES, str(exc))
@@ -397,7 +406,7 @@ def handle_rejected(event: evt.Event) -> None:
         log.warning(
             "association from %s rejected: called AE %r is not this node's %r",
             peer,
-            association.acceptor.ae_title,
+            association.requestor.primitive.called_ae_title,
             ae.ae_title,
         )
     elif ae.disk_is_low():
