@@ -253,3 +253,31 @@ def test_cget_from_a_pacs_that_freezes_mid_study_times_out_and_keeps_what_came(m
     finally:
         orthanc.process.send_signal(signal.SIGCONT)
         node.close()
+
+
+def test_ctrl_c_during_cget_cancels_and_keeps_what_came(make_settings, pacs, caplog):
+    """Ctrl-C mid-study: the PACS is sent C-CANCEL, the association aborted, and what was
+    stored before the interrupt stays stored."""
+    import logging
+
+    from node.pull import DimsePuller
+    from node.service import build_node
+
+    caplog.set_level(logging.WARNING, logger="node.pull")
+    orthanc, uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)])
+    orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
+    node = build_node(settings, migrate=True)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        puller = DimsePuller(settings, node.ingestor, settings.peers[0])
+        with pytest.raises(KeyboardInterrupt):
+            puller.get_study(uids[("TORAX SIMPLE", "ISO_IR 100", "20260110")], interrupt)
+        with node.session_factory() as session:
+            assert len(session.scalars(select(Instance)).all()) == 1
+    finally:
+        node.close()
+    assert any("sending C-CANCEL" in r.getMessage() for r in caplog.records)
