@@ -359,7 +359,7 @@ def cmd_pull(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         bars.append(bar)
-        return bar.update
+        return _Progress(bar)
 
     try:
         if args.source == "dicomweb":
@@ -372,6 +372,21 @@ def cmd_pull(settings: Settings, args: argparse.Namespace) -> int:
         node.close()
     print(report.summary())
     return 0 if report.ok else 1
+
+
+class _Progress:
+    """One study's progress bar: a tick per instance; the PACS's pending C-GET responses
+    (sub-operations remaining) set its total."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def __call__(self) -> None:
+        self.bar.update()
+
+    def remaining(self, count: int) -> None:
+        self.bar.total = self.bar.n + count
+        self.bar.refresh()
 
 
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:

@@ -398,7 +398,8 @@ def _pull_study(puller: DimsePuller, study: StudyMatch, method: str, report: Pul
             return
         tick = progress(study, len(missing)) if progress else (lambda: None)
         if method == "get":
-            puller.get_study(uid, tick)
+            # a progress callable may take the PACS's count of sub-operations remaining
+            puller.get_study(uid, tick, getattr(tick, "remaining", None))
         else:
             puller.move_study(uid)
         arrived = [sop for sop in missing if puller.ingestor.is_stored(sop)]

@@ -281,3 +281,23 @@ def test_ctrl_c_during_cget_cancels_and_keeps_what_came(make_settings, pacs, cap
     finally:
         node.close()
     assert any("sending C-CANCEL" in r.getMessage() for r in caplog.records)
+
+
+def test_cget_reports_the_pacs_pending_counts(make_settings, pacs):
+    """The PACS's pending responses (sub-operations remaining) reach the progress bar."""
+    from node.pull import DimsePuller
+    from node.service import build_node
+
+    orthanc, uids = pacs
+    settings = make_settings(peers=[orthanc_peer(orthanc)])
+    orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
+    node = build_node(settings, migrate=True)
+    stored, remaining = [], []
+    try:
+        puller = DimsePuller(settings, node.ingestor, settings.peers[0])
+        uid = uids[("TORAX SIMPLE", "ISO_IR 100", "20260110")]
+        puller.get_study(uid, lambda: stored.append(1), remaining.append)
+    finally:
+        node.close()
+    assert len(stored) == 3
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] == 2
