@@ -377,7 +377,7 @@ def pull_dimse(
     server = None
     if method == "move" and port_is_free(settings.dicom_host, settings.dicom_port):
         # No `ainode serve` running here: listen ourselves for the duration of the pull.
-        server = start_scp(settings, ingestor, block=False)
+        server = start_scp(settings, ingestor)
     try:
         for study in report.matched:
             _pull_study(puller, study, method, report, progress)

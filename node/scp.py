@@ -168,13 +168,18 @@ class StorageServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the node's connection limits and watchdog."""
 
     ae: NodeAE
+    associations: _Associations
+    stopping: threading.Event
+    watchdog: threading.Thread
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.associations = _Associations()
+    def start(self, associations: _Associations) -> None:
+        """Serve, with the watchdog over ``associations`` (the handlers' shared view)."""
+        self.associations = associations
         self.stopping = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
         self.watchdog.start()
+        self.ae._servers.append(self)  # pynetdicom's own bookkeeping, as AE.start_server does
+        threading.Thread(target=self.serve_forever, name="storage-scp", daemon=True).start()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; TLS is wrapped without its handshake, which the association's
@@ -200,11 +205,13 @@ class StorageServer(ThreadedAssociationServer):
         return True
 
     def shutdown(self) -> None:
-        """Stop listening, abort open associations (saying why), remove the spool."""
+        """Stop listening and abort open associations (saying why)."""
         if self.stopping.is_set():
             return
         self.stopping.set()
         for association in self.active_associations:
+            if association.is_released or association.is_aborted:
+                continue  # ending already
             tally = self.associations.get(association)
             tally.ended = tally.ended or "the node is stopping"
             association.abort()
@@ -215,7 +222,6 @@ class StorageServer(ThreadedAssociationServer):
             for tally in self.associations.finished():
                 _log_end(tally, self.ae.spool.discard_association(tally.association))
             time.sleep(0.05)
-        self.ae.spool.remove()
 
     def _watch(self) -> None:
         """Wall-clock limits: pynetdicom's timeouts apply per ``recv``, so a peer sending
@@ -371,7 +377,7 @@ def _log_end(tally: _Tally, left: int) -> None:
     peer = peer_of(association)
     counts = f"{tally.stored} stored, {tally.refused} refused"
     transit = "; an instance in transit was not stored" if left else ""
-    if association.is_released and not tally.ended:
+    if association.is_released:
         log.info("association from %s released: %s", peer, counts)
     elif tally.ended == "the node is stopping":
         log.info("association from %s aborted: the node is stopping (%s%s)", peer, counts, transit)
@@ -444,12 +450,8 @@ def supported_contexts(ae: AE) -> None:
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
 
 
-def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) -> StorageServer:
-    """Start listening on ``settings.dicom_host:dicom_port``.
-
-    Returns the running server (``server.shutdown()`` stops it); with ``block``
-    returns only once it has stopped.
-    """
+def start_scp(settings: Settings, ingestor: Ingestor) -> StorageServer:
+    """Start listening on ``settings.dicom_host:dicom_port``; ``server.shutdown()`` stops it."""
     ingestor.store.prepare()  # the fan-out folders, so no write pays for making its folder
     spool.install()
     receive = spool.Spool(ingestor.spool_folder(), ingestor.max_inflated_bytes)
@@ -476,10 +478,7 @@ def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) ->
         evt_handlers=handlers,
         server_class=StorageServer,
     )
-    server.associations = associations
-    ae._servers.append(server)  # pynetdicom's own bookkeeping, as AE.start_server does
-    thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
-    thread.start()
+    server.start(associations)
     log.info(
         "storage SCP %s listening on %s:%d%s",
         settings.ae_title,
@@ -487,6 +486,4 @@ def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) ->
         settings.dicom_port,
         " (DICOM TLS)" if context else "",
     )
-    if block:
-        thread.join()
     return server

@@ -89,7 +89,7 @@ def serve(
             "no calling AE is allowed: every association will be rejected. Set "
             "AINODE_ALLOWED_CALLING_AES='[\"YOURPACS\"]' or configure peers"
         )
-    server = start_scp(node.settings, node.ingestor, block=False)
+    server = start_scp(node.settings, node.ingestor)
     try:
         while not stop.is_set():
             try:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -56,6 +55,7 @@ class SpoolFile:
         self.file = self  # pynetdicom flushes ``file.file`` after each fragment
         self._out = None
         try:
+            spool.folder.mkdir(parents=True, exist_ok=True)  # removed by hand meanwhile?
             fd, self.name = tempfile.mkstemp(prefix=".", suffix=".part", dir=spool.folder)
             self._out = os.fdopen(fd, "wb")
         except OSError as exc:
@@ -134,11 +134,6 @@ class Spool:
             spooled.close()
             Path(spooled.name).unlink(missing_ok=True)
         return len(left)
-
-    def remove(self) -> None:
-        """Remove the spool folder (the AE has stopped)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def _current_association():
     """The association whose DUL thread is decoding (pynetdicom decodes in that thread)."""

@@ -8,8 +8,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -141,14 +141,18 @@ class InstanceStore:
 
     def spool_folder(self) -> Path:
         """A private folder for this process's incoming datasets, on the store's file system
-        (so that keeping one is a rename). Stale folders of processes gone a day are removed."""
+        (so that keeping one is a rename). Folders left by processes of this host that are
+        gone (a crash mid-receive) are removed."""
         spool = self.root / SPOOL
+        host = socket.gethostname()
         try:
             self._make_folder(spool)
-            for stale in spool.iterdir():
-                if time.time() - stale.stat().st_mtime > 86400:
-                    shutil.rmtree(stale, ignore_errors=True)
-            return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=spool))
+            for left in spool.iterdir():
+                owner_host, _, rest = left.name.rpartition("~")
+                pid = rest.split("-", 1)[0]
+                if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                    shutil.rmtree(left, ignore_errors=True)
+            return Path(tempfile.mkdtemp(prefix=f"{host}~{os.getpid()}-", dir=spool))
         except OSError as exc:
             raise StoreError(
                 exc.errno, f"cannot make a spool folder in {spool}: {exc.strerror}", "."
@@ -177,6 +181,16 @@ class InstanceStore:
         # A new folder's entry lives in its parent: sync the parents so it survives a crash.
         for created in reversed(missing):
             _fsync_folder(created.parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_quietly(path: Path) -> None:

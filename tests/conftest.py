@@ -77,7 +77,7 @@ def node(settings) -> Iterator[Node]:
 @pytest.fixture
 def scp(node) -> Iterator[Node]:
     """The node with its storage SCP listening on ``node.settings.dicom_port``."""
-    server = start_scp(node.settings, node.ingestor, block=False)
+    server = start_scp(node.settings, node.ingestor)
     yield node
     server.shutdown()
 
