@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class _Tally:
     refused: int = 0
     busy: bool = False
     peer_aborted: bool = False
+    woken: bool = False
     ended: str | None = None  # why the node ended it, once known
 
 
@@ -175,6 +177,8 @@ class StorageServer(ThreadedAssociationServer):
     def start(self, associations: _Associations) -> None:
         """Serve, with the watchdog over ``associations`` (the handlers' shared view)."""
         self.associations = associations
+        self.handshakes = 0
+        self._handshake_lock = threading.Lock()
         self.stopping = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
         self.watchdog.start()
@@ -192,17 +196,43 @@ class StorageServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request, client_address) -> bool:
-        """Refuse a connection while ``max_pending_connections`` have not yet associated."""
-        pending = [a for a in self.active_associations if not a.is_established]
-        if len(pending) >= self.ae.settings.max_pending_connections:
+        """Refuse a connection while ``max_pending_connections`` have not yet associated
+        (TLS handshakes in progress count too)."""
+        pending = len([a for a in self.active_associations if not a.is_established])
+        pending += self.handshakes
+        if pending >= self.ae.settings.max_pending_connections:
             log.warning(
                 "connection from %s:%s closed: %d connections have not yet associated "
                 "(max_pending_connections)",
                 *client_address[:2],
-                len(pending),
+                pending,
             )
             return False
         return True
+
+    def process_request_thread(self, request, client_address) -> None:
+        """Complete the TLS handshake in the connection's own thread, within acse_timeout,
+        before pynetdicom sees the connection: a failed one is closed and said why."""
+        if isinstance(request, ssl.SSLSocket):
+            with self._handshake_lock:
+                self.handshakes += 1
+            try:
+                request.settimeout(self.ae.settings.acse_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                log.warning(
+                    "connection from %s:%s closed: TLS handshake failed (%s)",
+                    *client_address[:2],
+                    reason or exc,
+                )
+                self.shutdown_request(request)
+                return
+            finally:
+                with self._handshake_lock:
+                    self.handshakes -= 1
+        super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:
         """Stop listening and abort open associations (saying why)."""
@@ -242,7 +272,13 @@ class StorageServer(ThreadedAssociationServer):
             if tally.busy:
                 continue
             if not association.is_established and not association.is_aborted:
-                if now - tally.opened > settings.acse_timeout:
+                if association.requestor.primitive is None and not association.dul.is_alive():
+                    # Closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor would wait out
+                    # acse_timeout for it; an empty message ends its wait now.
+                    if not tally.woken:
+                        tally.woken = True
+                        association.dul.to_user_queue.put(None)
+                elif now - tally.opened > settings.acse_timeout:
                     limit = f"no association within {settings.acse_timeout:g} s"
                     tally.ended = tally.ended or limit
                     _cut(association)

@@ -135,6 +135,7 @@ class Spool:
             Path(spooled.name).unlink(missing_ok=True)
         return len(left)
 
+
 def _current_association():
     """The association whose DUL thread is decoding (pynetdicom decodes in that thread)."""
     return getattr(threading.current_thread(), "assoc", None)
