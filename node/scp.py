@@ -1,37 +1,28 @@
-"""The node's DICOM Storage SCP on pynetdicom: association policy and the durable C-STORE.
+"""The node's DICOM Storage SCP on pynetdicom: what it accepts and the durable C-STORE.
 
-pynetdicom negotiates and runs each association; the node adds its policy:
-who may associate (calling AE allow-list, called AE, free disk, association
-limit, connections not yet associated), wall-clock limits on silent or
-trickling peers, and a C-STORE answered success only after the received file
-is fsynced, renamed into the store and its rows are committed.
+A C-STORE is answered success only after the received file is fsynced, renamed
+into the store and its rows are committed. Who may associate and for how long
+is ``node.acceptor``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import ssl
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import spool
+from node.acceptor import Associations, NodeAE, StorageServer, peer_of, serve
 from node.ingest import DatabaseUnavailable, Ingestor, Outcome
-from node.network import configure_ae, handle_conn_open, server_tls_context
+from node.network import server_tls_context
 from node.part10 import DatasetError, DatasetMismatch, DatasetTooLarge
 from node.settings import Settings
-from node.store import InstanceStore, StoreError
+from node.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +32,6 @@ STATUS_UNRECOGNISED_OPERATION = 0x0211
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
-
-# ACSE reject (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognised
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognised
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider, local limit exceeded
 
 # When one context offers several syntaxes we choose: lossless compressed first, so
 # a sender holding compressed files never has to decompress them, then uncompressed,
@@ -74,232 +60,6 @@ LOSSY = [
 ]
 # Video syntaxes are left out: a chest CT study carries none.
 ACCEPTED_TRANSFER_SYNTAXES = LOSSLESS_COMPRESSED + UNCOMPRESSED + LOSSY
-_NOBODY = "\\"  # not a valid AE title: an allow-list holding only this admits no one
-
-
-def peer_of(association) -> str:
-    """``AE@host`` of the other end of an association (``?`` before it names itself)."""
-    other = association.requestor if association.is_acceptor else association.acceptor
-    return f"{(other.ae_title or '?').strip()}@{other.address}"
-
-
-class NodeAE(AE):
-    """The node's acceptor AE: pynetdicom's negotiation with the node's admission policy.
-
-    pynetdicom rejects an association as "local limit exceeded" (transient) when its
-    acceptors outnumber ``maximum_associations``, which it reads once per association
-    it negotiates. The node answers the same when the store's disk is nearly full, so
-    a PACS keeps the study and retries later rather than sending it to fail instance
-    by instance.
-    """
-
-    def __init__(self, settings: Settings, store: InstanceStore, receive: spool.Spool) -> None:
-        super().__init__(ae_title=settings.ae_title)
-        self.settings, self.store, self.spool = settings, store, receive
-        configure_ae(self, settings)
-        self.require_called_aet = settings.require_called_aet
-
-    def disk_is_low(self) -> bool:
-        """Whether the store has less free space than ``min_free_disk_mb``."""
-        return self.store.free_bytes() < self.settings.min_free_disk_mb * 2**20
-
-    @property
-    def maximum_associations(self) -> int:
-        """``max_associations``, or 0 (admit no more) while the disk is low."""
-        return 0 if self.disk_is_low() else self.settings.max_associations
-
-    @maximum_associations.setter
-    def maximum_associations(self, value: int) -> None:
-        raise AttributeError("the node's association limit is the max_associations setting")
-
-    @property
-    def require_calling_aet(self) -> list[str]:
-        """The calling AE allow-list (empty: any AE; no one when the list is set but empty)."""
-        allowed = self.settings.calling_ae_allow_list
-        if allowed is None:
-            return []
-        return sorted(allowed) or [_NOBODY]
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, value: list[str]) -> None:
-        raise AttributeError("the calling AE allow-list is the allowed_calling_aes setting")
-
-
-@dataclass
-class _Tally:
-    """What one association did, for its closing log line."""
-
-    association: object
-    opened: float
-    stored: int = 0
-    refused: int = 0
-    busy: bool = False
-    peer_aborted: bool = False
-    woken: bool = False
-    ended: str | None = None  # why the node ended it, once known
-
-
-@dataclass
-class _Associations:
-    """The server's view of its connections, keyed by association object id."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    tallies: dict[int, _Tally] = field(default_factory=dict)
-
-    def get(self, association) -> _Tally:
-        with self.lock:
-            tally = self.tallies.get(id(association))
-            if tally is None:
-                tally = self.tallies[id(association)] = _Tally(association, time.monotonic())
-            return tally
-
-    def finished(self) -> list[_Tally]:
-        """Tallies of associations whose threads have ended (removed from the view)."""
-        with self.lock:
-            done = [
-                t
-                for t in self.tallies.values()
-                if not t.association.is_alive() and not t.association.dul.is_alive()
-            ]
-            for tally in done:
-                del self.tallies[id(tally.association)]
-        return done
-
-
-class StorageServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the node's connection limits and watchdog."""
-
-    ae: NodeAE
-    associations: _Associations
-    stopping: threading.Event
-    watchdog: threading.Thread
-
-    def start(self, associations: _Associations) -> None:
-        """Serve, with the watchdog over ``associations`` (the handlers' shared view)."""
-        self.associations = associations
-        self.handshakes = 0
-        self._handshake_lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
-        self.watchdog.start()
-        self.ae._servers.append(self)  # pynetdicom's own bookkeeping, as AE.start_server does
-        threading.Thread(target=self.serve_forever, name="storage-scp", daemon=True).start()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection; TLS is wrapped without its handshake, which the association's
-        own thread performs (a client that never completes it cannot hold up the server)."""
-        client, address = self.socket.accept()
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
-
-    def verify_request(self, request, client_address) -> bool:
-        """Refuse a connection while ``max_pending_connections`` have not yet associated
-        (TLS handshakes in progress count too)."""
-        pending = len([a for a in self.active_associations if not a.is_established])
-        pending += self.handshakes
-        if pending >= self.ae.settings.max_pending_connections:
-            log.warning(
-                "connection from %s:%s closed: %d connections have not yet associated "
-                "(max_pending_connections)",
-                *client_address[:2],
-                pending,
-            )
-            return False
-        return True
-
-    def process_request_thread(self, request, client_address) -> None:
-        """Complete the TLS handshake in the connection's own thread, within acse_timeout,
-        before pynetdicom sees the connection: a failed one is closed and said why."""
-        if isinstance(request, ssl.SSLSocket):
-            with self._handshake_lock:
-                self.handshakes += 1
-            try:
-                request.settimeout(self.ae.settings.acse_timeout)
-                request.do_handshake()
-                request.settimeout(None)
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-                log.warning(
-                    "connection from %s:%s closed: TLS handshake failed (%s)",
-                    *client_address[:2],
-                    reason or exc,
-                )
-                self.shutdown_request(request)
-                return
-            finally:
-                with self._handshake_lock:
-                    self.handshakes -= 1
-        super().process_request_thread(request, client_address)
-
-    def shutdown(self) -> None:
-        """Stop listening and abort open associations (saying why)."""
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
-        for association in self.active_associations:
-            if association.is_released or association.is_aborted:
-                continue  # ending already
-            tally = self.associations.get(association)
-            tally.ended = tally.ended or "the node is stopping"
-            association.abort()
-        super().shutdown()
-        self.watchdog.join()
-        deadline = time.monotonic() + 5
-        while self.associations.tallies and time.monotonic() < deadline:
-            for tally in self.associations.finished():
-                _log_end(tally, self.ae.spool.discard_association(tally.association))
-            time.sleep(0.05)
-
-    def _watch(self) -> None:
-        """Wall-clock limits: pynetdicom's timeouts apply per ``recv``, so a peer sending
-        a byte now and then would hold its thread for ever without this."""
-        while not self.stopping.wait(0.25):
-            try:
-                self._watch_once()
-            except Exception:  # the watchdog must outlive anything one association does
-                log.exception("SCP watchdog pass failed")
-
-    def _watch_once(self) -> None:
-        settings = self.ae.settings
-        for tally in self.associations.finished():
-            _log_end(tally, self.ae.spool.discard_association(tally.association))
-        now = time.monotonic()
-        for association in self.active_associations:
-            tally = self.associations.get(association)
-            if tally.busy:
-                continue
-            if not association.is_established and not association.is_aborted:
-                if association.requestor.primitive is None and not association.dul.is_alive():
-                    # Closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor would wait out
-                    # acse_timeout for it; an empty message ends its wait now.
-                    if not tally.woken:
-                        tally.woken = True
-                        association.dul.to_user_queue.put(None)
-                elif now - tally.opened > settings.acse_timeout:
-                    limit = f"no association within {settings.acse_timeout:g} s"
-                    tally.ended = tally.ended or limit
-                    _cut(association)
-            elif association.dul.idle_timer_expired():
-                # also when pynetdicom aborted already: its reader may still be
-                # blocked on a peer that trickles bytes
-                tally.ended = tally.ended or f"silent for {settings.network_timeout:g} s"
-                _cut(association)
-
-
-def _cut(association) -> None:
-    """Send A-ABORT and close the connection, whatever its thread is blocked on."""
-    sock = association.dul.socket.socket if association.dul.socket else None
-    if sock is None:
-        return
-    abort = A_ABORT_RQ()
-    abort.source, abort.reason_diagnostic = 0x02, 0x00  # service provider, no reason given
-    with contextlib.suppress(OSError, ValueError):
-        sock.sendall(abort.encode())
-    with contextlib.suppress(OSError, ValueError):
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -309,7 +69,7 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
-def handle_store(event: evt.Event, ingestor: Ingestor, associations: _Associations | None):
+def handle_store(event: evt.Event, ingestor: Ingestor, associations: Associations | None):
     """EVT_C_STORE: answer success only once the file and its rows are committed."""
     association = event.assoc
     request = event.request
@@ -392,93 +152,6 @@ def _store(event: evt.Event, ingestor: Ingestor, peer: str, spooled) -> int | Da
     return STATUS_SUCCESS
 
 
-def handle_aborted(event: evt.Event, associations: _Associations) -> None:
-    """Note why pynetdicom aborted an association (the node's own aborts say so themselves)."""
-    association = event.assoc
-    tally = associations.get(association)
-    if tally.ended is None and not tally.peer_aborted and association.dul.idle_timer_expired():
-        # pynetdicom's reactor aborted it: the peer sent nothing for network_timeout
-        tally.ended = f"silent for {association.ae.network_timeout:g} s"
-
-
-def handle_pdu_recv(event: evt.Event, associations: _Associations) -> None:
-    """Note an A-ABORT from the peer."""
-    if isinstance(event.pdu, A_ABORT_RQ):
-        associations.get(event.assoc).peer_aborted = True
-
-
-def _log_end(tally: _Tally, left: int) -> None:
-    """Say how an association ended, once its threads are done."""
-    association = tally.association
-    peer = peer_of(association)
-    counts = f"{tally.stored} stored, {tally.refused} refused"
-    transit = "; an instance in transit was not stored" if left else ""
-    if association.is_released:
-        log.info("association from %s released: %s", peer, counts)
-    elif tally.ended == "the node is stopping":
-        log.info("association from %s aborted: the node is stopping (%s%s)", peer, counts, transit)
-    elif tally.ended:
-        log.warning("association from %s aborted: %s (%s%s)", peer, tally.ended, counts, transit)
-    elif tally.peer_aborted:
-        log.warning("association from %s aborted by the peer (%s%s)", peer, counts, transit)
-    elif association.is_rejected:
-        pass  # handle_rejected said why
-    elif association.acceptor.primitive is None and not (tally.stored or tally.refused):
-        log.warning("connection from %s closed before it associated", peer)
-    else:
-        log.warning("association from %s lost: the connection closed (%s%s)", peer, counts, transit)
-
-
-def handle_rejected(event: evt.Event) -> None:
-    """Say why an association was rejected, in the words a PACS administrator needs."""
-    association = event.assoc
-    ae: NodeAE = association.ae
-    primitive = association.acceptor.primitive
-    reason = (primitive.result, primitive.result_source, primitive.diagnostic)
-    peer = peer_of(association)
-    if reason == REJECT_CALLING_AE:
-        allowed = ae.settings.calling_ae_allow_list or set()
-        log.warning(
-            "association from %s rejected: calling AE %r not recognised (allowed: %s)",
-            peer,
-            association.requestor.ae_title,
-            ", ".join(sorted(allowed)) or "none",
-        )
-    elif reason == REJECT_CALLED_AE:
-        log.warning(
-            "association from %s rejected: called AE %r is not this node's %r",
-            peer,
-            association.requestor.primitive.called_ae_title,
-            ae.ae_title,
-        )
-    elif ae.disk_is_low():
-        log.error(
-            "association from %s rejected: %d MB free in the store, below the %d MB threshold",
-            peer,
-            ae.store.free_bytes() // 2**20,
-            ae.settings.min_free_disk_mb,
-        )
-    elif reason == REJECT_LOCAL_LIMIT:
-        log.warning(
-            "association from %s rejected: already %d associations open (max_associations)",
-            peer,
-            ae.settings.max_associations,
-        )
-    else:
-        log.warning("association from %s rejected: %s", peer, reason)
-
-
-def handle_accepted(event: evt.Event) -> None:
-    """Log the peer's implementation (what a PACS administrator asks first)."""
-    requestor = event.assoc.requestor
-    log.debug(
-        "association from %s accepted (implementation %s %s)",
-        peer_of(event.assoc),
-        requestor.implementation_class_uid,
-        requestor.implementation_version_name or "",
-    )
-
-
 def supported_contexts(ae: AE) -> None:
     """Verification, and every storage SOP class in every transfer syntax we accept."""
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
@@ -493,28 +166,11 @@ def start_scp(settings: Settings, ingestor: Ingestor) -> StorageServer:
     receive = spool.Spool(ingestor.spool_folder(), ingestor.max_inflated_bytes)
     ae = NodeAE(settings, ingestor.store, receive)
     supported_contexts(ae)
-    associations = _Associations()
-
-    def opened(event: evt.Event) -> None:
-        handle_conn_open(event)
-        associations.get(event.assoc)
-
-    handlers = [
-        (evt.EVT_CONN_OPEN, opened),
-        (evt.EVT_ABORTED, handle_aborted, [associations]),
-        (evt.EVT_PDU_RECV, handle_pdu_recv, [associations]),
-        (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_ACCEPTED, handle_accepted),
-        (evt.EVT_C_STORE, handle_store, [ingestor, associations]),
-    ]
+    associations = Associations()
     context = server_tls_context(settings)
-    server = ae.make_server(
-        (settings.dicom_host, settings.dicom_port),
-        ssl_context=context,
-        evt_handlers=handlers,
-        server_class=StorageServer,
+    server = serve(
+        ae, associations, context, [(evt.EVT_C_STORE, handle_store, [ingestor, associations])]
     )
-    server.start(associations)
     log.info(
         "storage SCP %s listening on %s:%d%s",
         settings.ae_title,
