@@ -138,13 +138,19 @@ def push_to_node(files: list[Path], workdir: Path, concurrency: int) -> float:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    failure = None
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
         rate = push(port, settings.ae_title, files, concurrency, "push to node")
+    except SystemExit as exc:
+        failure = exc
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+    if failure is not None:
+        tail = "\n".join(workdir.with_suffix(".log").read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"{failure}\n--- node log (last 40 lines) ---\n{tail}")
     expect(stored_in_node(settings), len(files), "push to node")
     return rate
 
@@ -299,6 +305,7 @@ def one_repetition(
     study_uid: str,
     rep_dir: Path,
     concurrency: Sequence[int],
+    failures: list[str],
 ) -> Iterator[tuple[tuple[str, str, int], float]]:
     """Yield ((kind, path, concurrency), inst/s) for every path, once.
 
@@ -307,14 +314,38 @@ def one_repetition(
     """
     n = len(files)
     for c in concurrency:
-        yield ("push", NODE, c), push_to_node(files, rep_dir / f"node-{c}", c)
-        yield ("push", STORESCP, c), push_to_storescp(files, rep_dir / f"storescp-{c}", c)
-        yield ("push", BARE, c), push_to_bare_pynetdicom(files, rep_dir / f"bare-{c}", c)
-        yield ("push", ORTHANC, c), push_to_orthanc(files, orthanc, c)
+        for name, run in (
+            (NODE, lambda d, c=c: push_to_node(files, rep_dir / f"node-{c}{d}", c)),
+            (STORESCP, lambda d, c=c: push_to_storescp(files, rep_dir / f"storescp-{c}{d}", c)),
+            (BARE, lambda d, c=c: push_to_bare_pynetdicom(files, rep_dir / f"bare-{c}{d}", c)),
+            (ORTHANC, lambda _d, c=c: push_to_orthanc(files, orthanc, c)),
+        ):
+            yield ("push", name, c), with_retry(f"push to {name} x{c}", run, failures)
     # Orthanc now holds the whole study (its last push), which the C-GETs read
-    yield ("C-GET", NODE, 1), get_with_node(orthanc, study_uid, rep_dir / "node-get", n)
-    yield ("C-GET", BARE, 1), get_with_bare_pynetdicom(orthanc, study_uid, rep_dir / "bare-get", n)
-    yield ("C-GET", GETSCU, 1), get_with_getscu(orthanc, study_uid, rep_dir / "getscu", n)
+    for name, run in (
+        (NODE, lambda d: get_with_node(orthanc, study_uid, rep_dir / f"node-get{d}", n)),
+        (BARE, lambda d: get_with_bare_pynetdicom(orthanc, study_uid, rep_dir / f"bare-get{d}", n)),
+        (GETSCU, lambda d: get_with_getscu(orthanc, study_uid, rep_dir / f"getscu{d}", n)),
+    ):
+        yield ("C-GET", name, 1), with_retry(f"C-GET with {name}", run, failures)
+
+
+def with_retry(label: str, run: Callable[[str], float], failures: list[str]) -> float:
+    """``run`` (given a suffix for a fresh work folder); once more if it fails, noting why.
+
+    A failed attempt is not measured, but it is reported under the summary: a receiver
+    that drops associations must not look fine.
+    """
+    for attempt in (1, 2):
+        try:
+            return run("" if attempt == 1 else f"-retry{attempt}")
+        except SystemExit as exc:
+            print(f"  FAILED: {label} (attempt {attempt}):\n{exc}", flush=True)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            failures.append(f"{label}, attempt {attempt}: {' / '.join(lines[:2])}")
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -358,10 +389,11 @@ def main() -> None:
         print(f"{header}; concurrency {', '.join(map(str, args.concurrency))}", flush=True)
         orthanc = start_orthanc(root / "orthanc", aet="ORTHANC", stable_age=60)
         results: Results = {}
+        failures: list[str] = []
         try:
             for rep in range(args.repeat):
                 for key, rate in one_repetition(
-                    files, orthanc, study_uid, root / f"rep{rep}", args.concurrency
+                    files, orthanc, study_uid, root / f"rep{rep}", args.concurrency, failures
                 ):
                     results.setdefault(key, []).append(rate)
                     kind, name, c = key
@@ -369,10 +401,12 @@ def main() -> None:
         finally:
             orthanc.stop(kill=True)
     print()
-    print(markdown(results, args.concurrency, header))
+    print(markdown(results, args.concurrency, header, failures))
 
 
-def markdown(results: Results, concurrency: Sequence[int], header: str) -> str:
+def markdown(
+    results: Results, concurrency: Sequence[int], header: str, failures: Sequence[str] = ()
+) -> str:
     """The summary as Markdown: medians, then the node's ratios (targets marked)."""
     median = {key: statistics.median(values) for key, values in results.items()}
     runs = {key: "/".join(f"{v:.0f}" for v in values) for key, values in results.items()}
@@ -403,6 +437,9 @@ def markdown(results: Results, concurrency: Sequence[int], header: str) -> str:
             if name == GET_TARGET:
                 ratio += f" (target ≥ {TARGET})"
         lines.append(f"| {name} | {value:.0f} ({runs['C-GET', name, 1]}) | {ratio} |")
+    if failures:
+        lines += ["", f"Failed attempts (retried once, not counted): {len(failures)}", ""]
+        lines += [f"- {failure}" for failure in failures]
     return "\n".join(lines)
 
 

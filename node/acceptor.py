@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, fsm
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -118,7 +119,9 @@ class Associations:
             done = [
                 t
                 for t in self.tallies.values()
-                if not t.association.is_alive() and not t.association.dul.is_alive()
+                if t.association.ident is not None  # started (a new one is not yet)
+                and not t.association.is_alive()
+                and not t.association.dul.is_alive()
             ]
             for tally in done:
                 del self.tallies[id(tally.association)]
@@ -231,7 +234,11 @@ class StorageServer(ThreadedAssociationServer):
             if tally.busy:
                 continue
             if not association.is_established and not association.is_aborted:
-                if association.requestor.primitive is None and not association.dul.is_alive():
+                if (
+                    association.requestor.primitive is None
+                    and association.dul.ident is not None  # its reader started, and ended
+                    and not association.dul.is_alive()
+                ):
                     # Closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor would wait out
                     # acse_timeout for it; an empty message ends its wait now.
                     if not tally.woken:
@@ -371,3 +378,27 @@ def serve(ae: NodeAE, associations: Associations, tls, handlers: list) -> Storag
     )
     server.start(associations)
     return server
+
+
+def _drop_local_primitive(dul) -> str:
+    """Discard what the node asked to send while the connection is already closing."""
+    with contextlib.suppress(queue.Empty):
+        dul.to_provider_queue.get(False)
+    return "Sta13"
+
+
+def install_fsm_guard() -> None:
+    """Let pynetdicom's state machine drop a local request that meets a closing connection.
+
+    PS3.8's state table has no entry for a local A-ASSOCIATE response, P-DATA, release
+    or abort in Sta13 (awaiting transport close), and pynetdicom raises there: a peer that
+    sends another PDU right behind its A-ASSOCIATE-RQ has the DUL abort (Sta13) while the
+    node's reactor is still answering, and the reader thread then dies with a traceback.
+    Dropping the late primitive is what the closing connection needs (idempotent).
+    """
+    fsm.ACTIONS.setdefault(
+        "AINODE-1",
+        ("Drop a local primitive: the connection is closing", _drop_local_primitive, "Sta13"),
+    )
+    for event in ("Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"):
+        fsm.TRANSITION_TABLE.setdefault((event, "Sta13"), "AINODE-1")

@@ -17,7 +17,14 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
 from node import spool
-from node.acceptor import Associations, NodeAE, StorageServer, peer_of, serve
+from node.acceptor import (
+    Associations,
+    NodeAE,
+    StorageServer,
+    install_fsm_guard,
+    peer_of,
+    serve,
+)
 from node.ingest import DatabaseUnavailable, Ingestor, Outcome
 from node.network import server_tls_context
 from node.part10 import DatasetError, DatasetMismatch, DatasetTooLarge
@@ -163,6 +170,7 @@ def start_scp(settings: Settings, ingestor: Ingestor) -> StorageServer:
     """Start listening on ``settings.dicom_host:dicom_port``; ``server.shutdown()`` stops it."""
     ingestor.store.prepare()  # the fan-out folders, so no write pays for making its folder
     spool.install()
+    install_fsm_guard()
     receive = spool.Spool(ingestor.spool_folder(), ingestor.max_inflated_bytes)
     ae = NodeAE(settings, ingestor.store, receive)
     supported_contexts(ae)
