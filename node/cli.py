@@ -392,18 +392,12 @@ class _Progress:
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom.sop_class import Verification
 
-    from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
+    from node.network import associate, make_ae, peer_label
 
     peer = settings.peer(args.peer)
     ae = make_ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[NAGLE_OFF],
-        tls_args=client_tls_args(settings, peer),
-    )
+    assoc = associate(ae, settings, peer)
     if not assoc.is_established:
         raise PullError(f"association to {peer_label(peer)} failed")
     status = assoc.send_c_echo()

@@ -87,6 +87,18 @@ def client_tls_args(settings: Settings, peer: Peer) -> tuple[ssl.SSLContext, str
     return context, peer.host
 
 
+def associate(ae: AE, settings: Settings, peer: Peer, handlers=(), roles=()):
+    """Associate ``ae`` with ``peer``: Nagle off, TLS when the peer asks for it."""
+    return ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        ext_neg=list(roles) or None,
+        evt_handlers=[NAGLE_OFF, *handlers],
+        tls_args=client_tls_args(settings, peer),
+    )
+
+
 def peer_label(peer: Peer) -> str:
     """``AE@host:port`` for log lines and errors."""
     return f"{peer.ae_title}@{peer.host}:{peer.port}"

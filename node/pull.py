@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
 
 from node import spool
 from node.ingest import Ingestor
-from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
+from node.network import associate, make_ae, peer_label
 from node.scp import UNCOMPRESSED, handle_store, start_scp
 from node.settings import Peer, Settings
 
@@ -173,14 +173,7 @@ class DimsePuller:
         self.where = peer_label(peer)
 
     def _associate(self, ae: AE, handlers=(), roles=()) -> Association:
-        assoc = ae.associate(
-            self.peer.host,
-            self.peer.port,
-            ae_title=self.peer.ae_title,
-            ext_neg=list(roles),
-            evt_handlers=[NAGLE_OFF, *handlers],
-            tls_args=client_tls_args(self.settings, self.peer),
-        )
+        assoc = associate(ae, self.settings, self.peer, handlers, roles)
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise PullError(f"association to {self.where} {reason}")

@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node import __version__
-from node.network import NAGLE_OFF, client_tls_args, make_ae, peer_label
+from node.network import associate, make_ae, peer_label
 from node.result import CLASSES, StudyResult
 from node.settings import Peer, Settings
 from node.store import check_uid
@@ -310,13 +310,7 @@ def send_sr_dimse(ds: Dataset, settings: Settings, peer: Peer) -> None:
     where = peer_label(peer)
     ae = make_ae(settings)
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[NAGLE_OFF],
-        tls_args=client_tls_args(settings, peer),
-    )
+    assoc = associate(ae, settings, peer)
     if not assoc.is_established:
         raise _association_failure(assoc, where)
     try:
