@@ -19,7 +19,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pydicom import Dataset
 from pynetdicom import AE, evt, fsm
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import _MESSAGE_TYPES, DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -83,6 +86,78 @@ class NodeAE(AE):
     @require_calling_aet.setter
     def require_calling_aet(self, value: list[str]) -> None:
         raise AttributeError("the calling AE allow-list is the allowed_calling_aes setting")
+
+
+STATUS_UNRECOGNISED_OPERATION = 0x0211
+_NO_DATASET = 0x0101
+
+
+class NodeDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, answering a request it cannot decode instead of aborting.
+
+    pynetdicom knows the DIMSE-C and DIMSE-N command fields; for any other it raises while
+    decoding and the association is lost with everything queued on it. PS3.7 lets the
+    receiver answer such a request with 0x0211 "unrecognised operation": the node does,
+    reads and drops the data set that follows it, and the association carries on.
+    """
+
+    _skipping = False  # dropping the data set of an unrecognised request
+
+    def receive_primitive(self, primitive) -> None:
+        if self._skipping:
+            self._skip(primitive.presentation_data_value_list)
+            return
+        try:
+            super().receive_primitive(primitive)
+        except KeyError:
+            message, self.message = self.message, None
+            command = getattr(message, "command_set", None)
+            field_ = command.get("CommandField") if command is not None else None
+            if field_ is None or field_ in _MESSAGE_TYPES:
+                raise  # not an unknown command: pynetdicom's own failure stands
+            self._unrecognised(command, message.context_id, primitive)
+
+    def _unrecognised(self, command: Dataset, context_id: int, primitive) -> None:
+        peer = peer_of(self.assoc)
+        field_ = int(command.CommandField)
+        if field_ & 0x8000:
+            log.warning("DIMSE response 0x%04X from %s dropped: no such operation", field_, peer)
+        elif "MessageID" not in command:
+            log.warning("DIMSE command 0x%04X from %s without a message ID dropped", field_, peer)
+        else:
+            log.warning("DIMSE command 0x%04X from %s answered 0x0211 (unrecognised)", field_, peer)
+            self._pending_answer = (command, context_id)
+        if command.get("CommandDataSetType", _NO_DATASET) != _NO_DATASET:
+            # the data set follows: in this PDU, behind the command's last fragment, or later
+            pdvs = primitive.presentation_data_value_list
+            last_command = max(i for i, (_, data) in enumerate(pdvs) if data[0] & 1)
+            self._skipping = True
+            self._skip(pdvs[last_command + 1 :])
+        else:
+            self._answer()
+
+    def _skip(self, pdvs) -> None:
+        if any(not data[0] & 1 and data[0] & 2 for _, data in pdvs):
+            self._skipping = False  # the data set's last fragment
+            self._answer()
+
+    def _answer(self) -> None:
+        pending, self._pending_answer = getattr(self, "_pending_answer", None), None
+        if pending is None:
+            return
+        command, context_id = pending
+        response = DIMSEMessage()
+        response.command_set = answer = Dataset()
+        answer.CommandGroupLength = 0
+        if "AffectedSOPClassUID" in command:
+            answer.AffectedSOPClassUID = command.AffectedSOPClassUID
+        answer.CommandField = int(command.CommandField) | 0x8000
+        answer.MessageIDBeingRespondedTo = command.MessageID
+        answer.CommandDataSetType = _NO_DATASET
+        answer.Status = STATUS_UNRECOGNISED_OPERATION
+        response._set_command_group_length()
+        for pdata in response.encode_msg(context_id, self.maximum_pdu_size):
+            self.dul.send_pdu(pdata)
 
 
 @dataclass
@@ -248,6 +323,11 @@ class StorageServer(ThreadedAssociationServer):
                     limit = f"no association within {settings.acse_timeout:g} s"
                     tally.ended = tally.ended or limit
                     _cut(association)
+            elif not association.accepted_contexts and not association.rejected_contexts:
+                # PS3.8 9.3.2: a request offers one or more presentation contexts; pynetdicom
+                # accepts one that offers none, and nothing can be done on it
+                tally.ended = tally.ended or "it offered no presentation context"
+                _cut(association)
             elif association.dul.idle_timer_expired():
                 # also when pynetdicom aborted already: its reader may still be
                 # blocked on a peer that trickles bytes
@@ -345,14 +425,23 @@ def handle_rejected(event: evt.Event) -> None:
 
 
 def handle_accepted(event: evt.Event) -> None:
-    """Log the peer's implementation (what a PACS administrator asks first)."""
-    requestor = event.assoc.requestor
+    """Log the peer's implementation (what a PACS administrator asks first), and say so when
+    none of what it offered can be used: it can then only release."""
+    association = event.assoc
+    requestor = association.requestor
     log.debug(
         "association from %s accepted (implementation %s %s)",
-        peer_of(event.assoc),
+        peer_of(association),
         requestor.implementation_class_uid,
         requestor.implementation_version_name or "",
     )
+    if association.rejected_contexts and not association.accepted_contexts:
+        offered = sorted({str(cx.abstract_syntax.name) for cx in association.rejected_contexts})
+        log.warning(
+            "association from %s has no presentation context the node accepts (offered: %s)",
+            peer_of(association),
+            ", ".join(offered),
+        )
 
 
 def serve(ae: NodeAE, associations: Associations, tls, handlers: list) -> StorageServer:
@@ -361,6 +450,7 @@ def serve(ae: NodeAE, associations: Associations, tls, handlers: list) -> Storag
 
     def opened(event: evt.Event) -> None:
         handle_conn_open(event)
+        event.assoc.dimse = NodeDIMSE(event.assoc)
         associations.get(event.assoc)
 
     policy = [

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from node import spool
 from node.acceptor import (
+    STATUS_UNRECOGNISED_OPERATION,
     Associations,
     NodeAE,
     StorageServer,
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_UNRECOGNISED_OPERATION = 0x0211
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210

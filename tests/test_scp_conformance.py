@@ -6,6 +6,7 @@ implementation identity on every AE the node runs."""
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 import zlib
@@ -13,7 +14,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread, dcmwrite
+from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.filereader import data_element_generator
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
@@ -23,6 +24,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE, N_GET
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
@@ -30,7 +32,8 @@ from node.db import Instance
 from node.network import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.part10 import split_part10
 from tests.peers import echoscu, free_port
-from tests.test_scp_edges import running_scp, spooled, wait_for_log
+from tests.test_scp_edges import pdata, running_scp, spooled, wait_for_log
+from tests.test_scp_fuzz import A_ASSOCIATE_AC, A_RELEASE_RP, REQUEST
 
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 
@@ -342,3 +345,87 @@ def test_nothing_is_left_in_the_spool_after_a_push(scp, chest_series):
     assert status.Status == 0
     assert spooled(scp) == []
     assert rows(scp) == 1
+
+
+def read_pdu(sock) -> tuple[int, bytes]:
+    """One whole PDU from ``sock``: (type, body)."""
+
+    def exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            assert chunk, f"connection closed after {data.hex()}"
+            data += chunk
+        return data
+
+    header = exactly(6)
+    return header[0], exactly(struct.unpack(">I", header[2:6])[0])
+
+
+def raw_command(context_id: int, command: Dataset, *, last: bool = True) -> bytes:
+    """A P-DATA-TF carrying one command set (implicit VR LE, with its group length)."""
+    body = bytes(encode(command, True, True))
+    command = Dataset()
+    command.CommandGroupLength = len(body)
+    return pdata(context_id, 0x03 if last else 0x01, bytes(encode(command, True, True)) + body)
+
+
+def command(field: int, message_id: int, with_dataset: bool = False) -> Dataset:
+    ds = Dataset()
+    ds.AffectedSOPClassUID = Verification
+    ds.CommandField = field
+    ds.MessageID = message_id
+    ds.CommandDataSetType = 0x0000 if with_dataset else 0x0101
+    return ds
+
+
+def response_to(sock) -> Dataset:
+    kind, body = read_pdu(sock)
+    assert kind == 0x04, (kind, body.hex())
+    length, _context, control = struct.unpack(">IBB", body[:6])
+    assert control == 0x03 and length == len(body) - 4, body.hex()
+    return decode(BytesIO(body[6:]), True, True)
+
+
+@pytest.mark.parametrize("with_dataset", [False, True], ids=["no-dataset", "dataset-follows"])
+def test_unknown_dimse_command_is_answered_and_the_association_carries_on(
+    make_settings, caplog, with_dataset
+):
+    """PS3.7 lets a receiver answer an operation it does not know with 0x0211; pynetdicom
+    alone fails to decode the message and aborts. The sender sees a response with that
+    status (and the command field of the request with its response bit), the data set
+    that followed the request is read and dropped, and the next C-ECHO on the same
+    association is answered as usual."""
+    caplog.set_level(logging.INFO, logger="node.scp")
+    with (
+        running_scp(make_settings) as (node, _server),
+        socket.create_connection(("127.0.0.1", node.settings.dicom_port), timeout=10) as sock,
+    ):
+        sock.sendall(REQUEST)  # CT Image Storage (context 1) and Verification (context 3)
+        kind, _ = read_pdu(sock)
+        assert kind == A_ASSOCIATE_AC
+        sock.sendall(raw_command(3, command(0x0FF1, 7, with_dataset)))
+        if with_dataset:  # a data set in two fragments, in PDUs of their own
+            sock.sendall(pdata(3, 0x00, b"\x08\x00\x16\x00\x02\x00\x00\x00" + b"1\x00"))
+            sock.sendall(pdata(3, 0x02, b"\x08\x00\x18\x00\x02\x00\x00\x00" + b"2\x00"))
+        answer = response_to(sock)
+        assert answer.CommandField == 0x8FF1
+        assert answer.MessageIDBeingRespondedTo == 7
+        assert answer.Status == 0x0211
+        assert answer.CommandDataSetType == 0x0101
+        assert answer.AffectedSOPClassUID == Verification
+
+        sock.sendall(raw_command(3, command(0x0030, 8)))  # C-ECHO-RQ
+        echo = response_to(sock)
+        assert (echo.CommandField, echo.MessageIDBeingRespondedTo, echo.Status) == (
+            0x8030,
+            8,
+            0x0000,
+        )
+        sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
+        assert read_pdu(sock)[0] == A_RELEASE_RP
+    line = wait_for_log(caplog, "answered 0x0211")
+    assert "DIMSE command 0x0FF1 from TESTSCU@127.0.0.1" in line
+    assert "0 stored, 0 refused" in wait_for_log(
+        caplog, "association from TESTSCU@127.0.0.1 released"
+    )

@@ -29,7 +29,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.peers import echoscu
-from tests.test_scp_edges import running_scp
+from tests.test_scp_edges import running_scp, wait_for_log
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, A_ABORT = 0x02, 0x03, 0x06, 0x07
 READ_LIMIT = 3.0  # seconds a sender waits for the node to answer and close
@@ -336,7 +336,7 @@ SENDER_CASES = [
     ),
     # PS3.8 9.3.2 asks for one or more presentation context items; pynetdicom accepts
     # such a request with no context at all (nothing can be done on it) and the node's
-    # network_timeout ends it
+    # watchdog aborts it at once (see test_request_without_contexts_is_aborted_at_once)
     pytest.param(
         without_presentation_contexts(REQUEST),
         False,
@@ -434,3 +434,30 @@ def test_connections_opened_in_a_burst_all_associate(make_settings, caplog):
     failed = [kinds for kinds in answers if kinds != [A_ASSOCIATE_AC, A_RELEASE_RP]]
     assert failed == [], f"{len(failed)} of 200: {failed[:5]}"
     assert not [r.getMessage() for r in caplog.records if "closed before" in r.getMessage()]
+
+
+def test_request_without_contexts_is_aborted_at_once(make_settings, caplog):
+    """A request offering no presentation context gets its A-ABORT within a second, not after
+    network_timeout, and the log says why."""
+    caplog.set_level(logging.INFO, logger="node.scp")
+    with running_scp(make_settings, network_timeout=30) as (node, _):
+        reply, closed, seconds = exchange(
+            node.settings.dicom_port, without_presentation_contexts(REQUEST)
+        )
+        assert closed and seconds < 1.5, seconds
+        assert [kind for kind, _ in pdus(reply)] == [A_ASSOCIATE_AC, A_ABORT], reply.hex()
+        line = wait_for_log(caplog, "it offered no presentation context")
+        assert line.startswith("association from TESTSCU@127.0.0.1 aborted")
+
+
+def test_offer_of_nothing_the_node_accepts_is_logged_with_what_was_offered(make_settings, caplog):
+    """A PACS offering only SOP classes the node does not take (here a made-up one) is told
+    so in the A-ASSOCIATE-AC, and the administrator reads in the log what it offered."""
+    caplog.set_level(logging.INFO, logger="node.scp")
+    with running_scp(make_settings) as (node, _):
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.2.3.4.5.6.7")
+        association = ae.associate("127.0.0.1", node.settings.dicom_port, ae_title="AINODE")
+        assert not association.is_established  # pynetdicom aborts: nothing it can do
+        line = wait_for_log(caplog, "no presentation context the node accepts")
+        assert "TESTSCU@127.0.0.1" in line and "offered: 1.2.3.4.5.6.7" in line
