@@ -20,8 +20,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.tag import Tag
@@ -46,7 +47,8 @@ _HEADER_KEYWORDS = [
     "SeriesNumber",
     "InstanceNumber",
 ]
-_HEADER_TAGS = frozenset(int(Tag(keyword)) for keyword in _HEADER_KEYWORDS)
+_TAGS = {keyword: int(Tag(keyword)) for keyword in _HEADER_KEYWORDS}
+_HEADER_TAGS = frozenset(_TAGS.values())
 _UNDEFINED = 0xFFFFFFFF
 _DEFER_BYTES = 1024
 _INFLATE_CHUNK = 1 << 20
@@ -155,7 +157,7 @@ def _inflated(fp: BinaryIO, folder: Path, limit: int):
     return out
 
 
-def _walk(fp: BinaryIO, syntax: str) -> dict[int, object]:
+def _walk(fp: BinaryIO, syntax: str) -> dict[int, RawDataElement]:
     """Walk the top-level elements; return the raw header elements. Raises if not whole."""
     start = fp.tell()
     size = fp.seek(0, 2)
@@ -164,7 +166,7 @@ def _walk(fp: BinaryIO, syntax: str) -> dict[int, object]:
         raise DatasetError("the dataset is empty")
     implicit = syntax == ImplicitVRLittleEndian
     little = syntax != ExplicitVRBigEndian
-    found: dict[int, object] = {}
+    found: dict[int, RawDataElement] = {}
     end, last = start, None
     try:
         for element in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES):
@@ -202,22 +204,49 @@ def _name(tag: int | None) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _header(found: dict[int, object], syntax: str) -> InstanceHeader:
-    dataset = Dataset(found)
-    dataset.set_original_encoding(
-        syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian, None
-    )
+_PN_DELIMITERS = {0x5E, 0x3D}  # component and group delimiters (PS3.5 6.2.1)
+_TEXT_DELIMITERS = {0x5C}  # value delimiter
+_CHARSET_TEXT = {"PatientName": _PN_DELIMITERS}  # the rest of the strings below are SH/LO
+_CHARSET_KEYWORDS = {
+    "AccessionNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientID",
+    "PatientName",
+}
+
+
+def _header(found: dict[int, RawDataElement], syntax: str) -> InstanceHeader:
+    """The kept attributes from the raw elements: every one is a string VR, decoded as
+    pydicom does (``pydicom.charset`` for the character-set dependent ones), without building
+    a ``Dataset`` (half the cost of reading a header)."""
+
+    def raw(keyword: str) -> bytes | None:
+        element = found.get(_TAGS[keyword])
+        if not isinstance(element, RawDataElement):
+            return None  # absent, or not a string where one belongs (a sequence)
+        return element.value  # None when deferred (over 1 KiB)
+
+    try:
+        charset = raw("SpecificCharacterSet")
+        terms = [t.strip(" \x00") for t in charset.decode("ascii").split("\\")] if charset else []
+        encodings = convert_encodings(terms or None)
+    except (UnicodeDecodeError, LookupError, ValueError):
+        encodings = convert_encodings(None)
 
     def text(keyword: str) -> str | None:
+        value = raw(keyword)
+        if not value:
+            return None
         try:
-            value = dataset.get(keyword)
-        except _READ_ERRORS:
+            if keyword in _CHARSET_KEYWORDS:
+                delimiters = _CHARSET_TEXT.get(keyword, _TEXT_DELIMITERS)
+                decoded = decode_bytes(value, encodings, delimiters)
+            else:
+                decoded = value.decode("ascii")
+        except (UnicodeDecodeError, LookupError, ValueError):
             return None
-        if value is None:
-            return None
-        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-            value = "\\".join(str(v) for v in value)
-        return str(value).strip(" \x00") or None
+        return decoded.strip(" \x00") or None
 
     def uid(keyword: str) -> str:
         value = text(keyword)
