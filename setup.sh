@@ -41,6 +41,7 @@ test)
     venv ".[test,lite]"
     .venv/bin/ruff format --check .
     .venv/bin/ruff check .
+    .venv/bin/lint-imports --no-cache
     export TCP_NODELAY=1 TF_CPP_MIN_LOG_LEVEL=2
     exec .venv/bin/python -m pytest "$@"
     ;;

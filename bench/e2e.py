@@ -20,11 +20,12 @@ import numpy as np
 from pydicom import dcmread
 from sqlalchemy import select
 
-from node import imaging, phantom
-from node.analysis import AnalysisOptions, analyze_instances
-from node.bundle import ModelBundle
-from node.db import Analysis, Report, Study
-from node.service import build_node
+from node import phantom
+from node.analysis import imaging
+from node.analysis.analyze import AnalysisOptions, analyze_instances
+from node.analysis.bundle import ModelBundle
+from node.records.db import Analysis, Report, Study
+from node.runtime import build_node
 from node.settings import Peer, Settings
 from tests.config import write_config
 from tests.peers import free_port, start_orthanc, start_redis, wait_for_port

@@ -24,9 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from node import imaging, phantom  # noqa: E402
-from node.bundle import ModelBundle, ModelInfo, write_bundle  # noqa: E402
-from node.result import CLASSES  # noqa: E402
+from node import phantom  # noqa: E402
+from node.analysis import imaging  # noqa: E402
+from node.analysis.bundle import ModelBundle, ModelInfo, write_bundle  # noqa: E402
+from node.analysis.result import CLASSES  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "node" / "models" / "demo"
 

@@ -39,10 +39,10 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from sqlalchemy import create_engine, func, select
 
 from node import phantom
-from node.db import Instance
-from node.network import handle_conn_open
-from node.pull import DimsePuller
-from node.service import build_node
+from node.dicom.network import handle_conn_open
+from node.dicom.pull import DimsePuller
+from node.records.db import Instance
+from node.runtime import build_node
 from node.settings import Peer, Settings
 from tests.config import write_config
 from tests.peers import (
@@ -134,7 +134,7 @@ def push_to_node(files: list[Path], workdir: Path, concurrency: int) -> float:
     config = write_config(settings, workdir.with_suffix(".toml"))
     log = open(workdir.with_suffix(".log"), "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "scp"],
+        [sys.executable, "-m", "ainode.cli", "--config", str(config), "scp"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from node.result import CLASSES  # noqa: E402
+from node.analysis.result import CLASSES  # noqa: E402
 
 IMAGE_SIZE = 128  # side of the synthetic PNGs and of the prepared shards
 IMAGES_PER_PATIENT = 10

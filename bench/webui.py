@@ -9,8 +9,8 @@ One run, on a fresh SQLite node in a temporary folder:
   naive view in the same app (every study, analysis and label loaded as ORM objects, then
   filtered, sorted and sliced in Python, rendered by the same template) for the ratio.
 - slices: a phantom series ingested into the node; lung-windowed PNGs of every slice from
-  the instance store with :func:`node.imaging.windowed_slices` and
-  :func:`node.imaging.to_png_bytes`, against pydicom ``pixel_array`` + modality LUT in
+  the instance store with :func:`node.analysis.imaging.windowed_slices` and
+  :func:`node.analysis.imaging.to_png_bytes`, against pydicom ``pixel_array`` + modality LUT in
   float64 + Pillow's PNG encoder, and through ``/studies/<id>/slices/<n>.png`` when the app
   has it.
 
@@ -38,10 +38,12 @@ from pydicom import dcmread
 from pydicom.pixels import apply_modality_lut
 from sqlalchemy import insert, select
 
-from node import imaging, phantom, users
-from node.db import Analysis, Instance, Label, Series, Study
-from node.result import CLASSES
-from node.service import build_node
+from node import phantom
+from node.analysis import imaging
+from node.analysis.result import CLASSES
+from node.records import users
+from node.records.db import Analysis, Instance, Label, Series, Study
+from node.runtime import build_node
 from node.settings import Settings
 from webui import create_app, session, worklist
 from webui.worklist_query import (
@@ -297,7 +299,7 @@ def bench_slices(app, node, slices: int, repeat: int, folder: Path) -> None:
     print(f"\nslice PNGs, lung window, {len(paths)} slices of 512x512 (best of {repeat})")
     print(f"{'path':<50}{'slices/s':>10}{'KiB/PNG':>10}")
     ours, size = slice_rate(ainode_png, paths, repeat)
-    print(f"{'node.imaging windowed_slices + to_png_bytes':<50}{ours:>10.0f}{size:>10.0f}")
+    print(f"{'node.analysis.imaging windowed_slices + to_png_bytes':<50}{ours:>10.0f}{size:>10.0f}")
     naive, size = slice_rate(naive_png, paths, repeat)
     print(f"{'naive: pixel_array + float64 LUT + Pillow PNG':<50}{naive:>10.0f}{size:>10.0f}")
     print(f"ratio: {ours / naive:.1f}x; ainode ms/slice: {stage_times(paths)}")

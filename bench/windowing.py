@@ -3,8 +3,8 @@
 One run, per transfer syntax (Explicit VR, JPEG Lossless SV1, JPEG-LS, JPEG 2000), from the
 file on disk (page cache warm) to the resized image:
 
-- ainode: ``dcmread`` → :func:`node.imaging.hounsfield_frames` (decode once, float32 HU,
-  padding NaN) → :func:`node.imaging.apply_window` → bilinear resize to 224 (numpy);
+- ainode: ``dcmread`` → :func:`node.analysis.imaging.hounsfield_frames` (decode once, float32 HU,
+  padding NaN) → :func:`node.analysis.imaging.apply_window` → bilinear resize to 224 (numpy);
 - naive, as a seed-paper script does it: ``ds.pixel_array`` → ``apply_modality_lut``
   (float64) → equation 5 per pixel (``np.vectorize``) → the same resize;
 - numpy float64: the naive pipeline with equation 5 vectorised (``np.clip`` in float64),
@@ -29,7 +29,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.pixels import apply_modality_lut
 
-from node import imaging, phantom
+from node import phantom
+from node.analysis import imaging
 
 SYNTAXES = ("explicit", "jpeg-lossless", "jpeg-ls", "jpeg2000")
 MODEL_SIZE = 224

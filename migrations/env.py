@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from node.db import Base, make_engine
+from node.records.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

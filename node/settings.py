@@ -18,6 +18,8 @@ from pydantic_settings import (
 
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
+DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"  # the bundle shipped with the node
+
 
 def default_data_dir() -> Path:
     """Where the embedded database and the instance store live unless told otherwise."""
@@ -145,7 +147,7 @@ class Settings(BaseSettings):
     @field_validator("keyword_classes")
     @classmethod
     def _keyword_classes(cls, values: dict[str, str | None]) -> dict[str, str | None]:
-        from node.result import CLASSES
+        from node.analysis.result import CLASSES
 
         seen: set[str] = set()
         # TOML has no null: an empty string also means "exclude from training".
@@ -214,7 +216,7 @@ class Settings(BaseSettings):
         """The model bundle the workers serve: the configured one or the bundled demo."""
         if self.model_dir is not None:
             return self.model_dir
-        return Path(__file__).parent / "models" / "demo"
+        return DEMO_MODEL_DIR
 
     @property
     def resolved_models_dir(self) -> Path:

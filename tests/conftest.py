@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from node import phantom
-from node.scp import start_scp
-from node.service import Node, build_node
+from node.dicom.scp import start_scp
+from node.runtime import Node, build_node
 from node.settings import Peer, Settings
 from tests.peers import OrthancServer, PostgresServer, free_port, start_orthanc, start_postgres
 

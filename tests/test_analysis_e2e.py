@@ -15,9 +15,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node import phantom
-from node.bundle import ModelInfo
-from node.db import Analysis, Report, Study, make_engine
-from node.report import read_sr_summary
+from node.analysis.bundle import ModelInfo
+from node.records.db import Analysis, Report, Study, make_engine
+from node.reporting.sr import read_sr_summary
 from tests.config import write_config
 from tests.conftest import orthanc_peer
 from tests.peers import free_port, start_redis, stop_process, storescp, storescu, wait_for_port
@@ -34,7 +34,7 @@ class NodeProcesses:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "ainode.cli", "--config", str(self.config), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -61,7 +61,7 @@ class NodeProcesses:
 
 def studies(config: Path) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "studies", "--json"],
+        [sys.executable, "-m", "ainode.cli", "--config", str(config), "studies", "--json"],
         capture_output=True,
         text=True,
         check=True,
@@ -180,7 +180,7 @@ def test_embedded_default_needs_no_broker_server(make_settings, orthanc, tmp_pat
 
 def rows(settings, model) -> list:
     """All rows of one table (Analysis or Report), oldest first, from the node's database."""
-    from node.service import build_node
+    from node.runtime import build_node
 
     node = build_node(settings)
     try:

@@ -14,9 +14,12 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from node import bundle, imaging  # noqa: E402
-from node.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
-from node.result import CLASSES, ModelIdentity, aggregate  # noqa: E402
+from node.analysis import (
+    bundle,  # noqa: E402
+    imaging,  # noqa: E402
+)
+from node.analysis.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
+from node.analysis.result import CLASSES, ModelIdentity, aggregate  # noqa: E402
 from node.settings import Settings  # noqa: E402
 from training.demo import MIN_FINDING_FRACTION as VISIBLE  # noqa: E402
 from training.demo import lung_slices  # noqa: E402
@@ -188,7 +191,7 @@ def test_auto_runtime_serves_onnx_on_a_cpu_and_keras_where_a_gpu_is(
 
     (tiny_bundle / "model.onnx").unlink()
     monkeypatch.setattr(bundle, "_export_onnx", cannot_export)
-    with caplog.at_level(logging.WARNING, logger="node.bundle"):
+    with caplog.at_level(logging.WARNING, logger="node.analysis.bundle"):
         served = ModelBundle.load(tiny_bundle, runtime="auto")
     assert served.runtime == "keras"
     assert "ONNX Runtime cannot serve this bundle, using Keras" in caplog.text
@@ -199,7 +202,7 @@ def test_auto_runtime_serves_onnx_on_a_cpu_and_keras_where_a_gpu_is(
 
 def test_mixed_precision_on_cpu_falls_back_to_float32(tiny_bundle, unseen, caplog):
     pixels = unseen["Covid_19"][0][:4]
-    with caplog.at_level(logging.WARNING, logger="node.bundle"):
+    with caplog.at_level(logging.WARNING, logger="node.analysis.bundle"):
         mixed = ModelBundle.load(tiny_bundle, mixed_precision=True)
     assert "no GPU is visible" in caplog.text
     assert mixed.model.layers[2].dtype_policy.name == "float32"

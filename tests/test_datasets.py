@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 from training.datasets import (
     EXPORT_FORMAT,
     MANIFEST_COLUMNS,
@@ -437,7 +437,7 @@ def test_split_by_patient_refuses_impossible_fractions(val, test):
 
 
 def test_the_export_reader_and_the_node_agree_on_the_manifest_columns():
-    from node import export
+    from node.records import export
 
     assert tuple(MANIFEST_COLUMNS) == tuple(export.MANIFEST_COLUMNS)
     assert EXPORT_FORMAT == export.FORMAT

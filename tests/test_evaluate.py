@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node.result import CLASSES, aggregate
+from node.analysis.result import CLASSES, aggregate
 from training.evaluate import (
     classification_metrics,
     evaluate_predictions,

@@ -15,13 +15,16 @@ from PIL import Image
 from pydicom import dcmread
 from sqlalchemy import select
 
-from node import __version__, imaging, phantom, schema
-from node.analysis import eligible_series, windowed_lung_slices
-from node.cli import main
-from node.db import Label, make_engine, make_session_factory
-from node.export import MANIFEST_COLUMNS, Pseudonymizer, export_bundle, export_salt
-from node.ingest import Ingestor
-from node.labels import (
+from ainode.cli import main
+from node import __version__, phantom
+from node.analysis import imaging
+from node.analysis.analyze import eligible_series, windowed_lung_slices
+from node.ingest.ingestor import Ingestor
+from node.ingest.store import InstanceStore
+from node.records import schema
+from node.records.db import Label, make_engine, make_session_factory
+from node.records.export import MANIFEST_COLUMNS, Pseudonymizer, export_bundle, export_salt
+from node.records.labels import (
     LabelConflict,
     add_label,
     class_for,
@@ -29,9 +32,8 @@ from node.labels import (
     labels_of,
     remove_label,
 )
-from node.pipeline import analysis_options
-from node.service import build_node
-from node.store import InstanceStore
+from node.runtime import build_node
+from node.workflow.jobs import analysis_options
 
 ROWS = COLUMNS = 128
 SLICES = 24
@@ -351,7 +353,7 @@ def test_a_non_empty_folder_is_refused_and_a_failure_leaves_nothing(
     def disk_full(*_args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("node.export._write_manifest", disk_full)
+    monkeypatch.setattr("node.records.export._write_manifest", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_bundle(labelled, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "data"]

@@ -1,4 +1,4 @@
-"""node.imaging: HU, windows, decoding, slice choice and PNG, by hand and against the phantom."""
+"""node.analysis.imaging: HU, windows, decoding, slice choice and PNG, by hand and on phantoms."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from node import imaging, phantom
-from node.imaging import LUNG, MEDIASTINUM, ImagingError, Window
+from node import phantom
+from node.analysis import imaging
+from node.analysis.imaging import LUNG, MEDIASTINUM, ImagingError, Window
 
 # --------------------------------------------------------------------------- builders
 

@@ -9,11 +9,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import inspect, select
 
-from node import lifecycle, schema
-from node.db import Instance, Series, Study, StudyStatus, make_engine, make_session_factory
-from node.ingest import Ingestor, Outcome
-from node.part10 import DatasetError, split_part10
-from node.store import InstanceStore
+from node.ingest.ingestor import Ingestor, Outcome
+from node.ingest.part10 import DatasetError, split_part10
+from node.ingest.store import InstanceStore
+from node.records import lifecycle, schema
+from node.records.db import Instance, Series, Study, StudyStatus, make_engine, make_session_factory
 
 T0 = datetime(2026, 1, 10, 10, 0, 0, tzinfo=UTC)
 

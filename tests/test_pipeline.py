@@ -11,9 +11,12 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from node import imaging, phantom, pipeline
-from node.bundle import ModelBundle
-from node.db import Analysis, Report, Study, utcnow
+from node import phantom
+from node.analysis import imaging
+from node.analysis.bundle import ModelBundle
+from node.records.db import Analysis, Report, Study, utcnow
+from node.workflow import jobs as pipeline
+from node.workflow import sweeper
 
 DEMO = Path(__file__).parent.parent / "node" / "models" / "demo"
 
@@ -32,8 +35,8 @@ def ingest_files(node, files) -> int:
 
 def stable(node, study_id, queued: bool = True) -> None:
     """Move a study on as the sweeper would: receiving -> stable (-> queued)."""
-    from node import lifecycle
-    from node.db import StudyStatus
+    from node.records import lifecycle
+    from node.records.db import StudyStatus
 
     with node.session_factory() as session, session.begin():
         assert lifecycle.move_where(session, study_id, {StudyStatus.RECEIVING}, StudyStatus.STABLE)
@@ -82,7 +85,7 @@ def test_localizer_pixelless_and_non_ct_are_skipped_with_a_reason(node, bundle, 
 
 @pytest.mark.parametrize("syntax", ["jpeg-lossless", "jpeg2000"])
 def test_compressed_study_is_analysed_like_the_uncompressed_one(bundle, tmp_path, syntax):
-    from node.analysis import analyze_instances
+    from node.analysis.analyze import analyze_instances
 
     spec = phantom.PhantomSpec(finding="pneumonia", slices=40, seed=32)
     plain = analyze_instances(phantom.write_series(spec, tmp_path / "plain"), bundle)
@@ -121,7 +124,7 @@ def test_study_without_lungs_fails_with_its_reason(node, bundle, tmp_path):
 
 
 def test_sweeper_queues_stable_studies_and_recovers_lost_work(make_settings, tmp_path):
-    from node.service import build_node
+    from node.runtime import build_node
 
     settings = make_settings(requeue_after_seconds=60, analysis_timeout_seconds=600)
     node = build_node(settings, migrate=True)
@@ -129,14 +132,14 @@ def test_sweeper_queues_stable_studies_and_recovers_lost_work(make_settings, tmp
     study_id = ingest_files(node, files)
     stable(node, study_id, queued=False)
     now = utcnow()
-    assert pipeline.due_work(node, now).analyses == [study_id]  # stable -> queued
-    assert pipeline.due_work(node, now + timedelta(seconds=30)).analyses == []
-    assert pipeline.due_work(node, now + timedelta(seconds=61)).analyses == [study_id]  # lost
+    assert sweeper.due_work(node, now).analyses == [study_id]  # stable -> queued
+    assert sweeper.due_work(node, now + timedelta(seconds=30)).analyses == []
+    assert sweeper.due_work(node, now + timedelta(seconds=61)).analyses == [study_id]  # lost
     with node.session_factory() as session, session.begin():
         session.get(Study, study_id).status = "analyzing"
         session.add(Analysis(study_id=study_id, model_name="m", model_version="1"))
     later = now + timedelta(seconds=61 + 601)
-    assert pipeline.due_work(node, later).analyses == [study_id]  # the worker died
+    assert sweeper.due_work(node, later).analyses == [study_id]  # the worker died
     with node.session_factory() as session:
         assert session.get(Study, study_id).status == "queued"
         assert session.scalars(select(Analysis.status)).one() == "abandoned"
@@ -145,7 +148,7 @@ def test_sweeper_queues_stable_studies_and_recovers_lost_work(make_settings, tmp
 
 
 def test_classify_command_on_png_and_dicom_folder(tmp_path, capsys):
-    from node.cli import main
+    from ainode.cli import main
 
     spec = phantom.PhantomSpec(finding="covid", slices=30, seed=36)
     files = phantom.write_series(spec, tmp_path / "series")
@@ -165,7 +168,7 @@ def test_classify_command_on_png_and_dicom_folder(tmp_path, capsys):
     [(b"not an image at all", "not a readable PNG or JPEG image"), (None, "no such file")],
 )
 def test_classify_explains_bad_input(tmp_path, capsys, content, message):
-    from node.cli import main
+    from ainode.cli import main
 
     path = tmp_path / "upload.png"
     if content is not None:

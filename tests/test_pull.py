@@ -6,11 +6,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from ainode.cli import main
 from node import phantom
-from node.cli import main
-from node.db import Instance, Study
-from node.part10 import split_part10
-from node.pull import description_matches, fold
+from node.dicom.pull import description_matches, fold
+from node.ingest.part10 import split_part10
+from node.records.db import Instance, Study
 from tests.config import write_config
 from tests.conftest import orthanc_peer
 
@@ -78,7 +78,7 @@ def pull_config(make_settings, pacs, tmp_path):
 
 
 def stored_studies(settings) -> dict[str, int]:
-    from node.service import build_node
+    from node.runtime import build_node
 
     node = build_node(settings)
     try:
@@ -97,7 +97,7 @@ CHEST = {
 
 
 def stored_uids(settings) -> set[str]:
-    from node.service import build_node
+    from node.runtime import build_node
 
     node = build_node(settings)
     try:
@@ -134,7 +134,7 @@ def test_dicomweb_pull_keeps_the_pacs_files_byte_for_byte(pacs, pull_config, cap
         main(["--config", str(config), "pull", *DATES, "--source", "dicomweb", "--no-progress"])
         == 0
     )
-    from node.service import build_node
+    from node.runtime import build_node
 
     node = build_node(settings)
     with node.session_factory() as session:
@@ -150,7 +150,7 @@ def test_cget_keeps_the_dataset_bytes(pacs, pull_config):
     orthanc, _uids = pacs
     settings, config = pull_config
     assert main(["--config", str(config), "pull", *DATES, "--no-progress"]) == 0
-    from node.service import build_node
+    from node.runtime import build_node
 
     node = build_node(settings)
     with node.session_factory() as session:
@@ -188,8 +188,8 @@ def test_pull_reports_an_unreachable_pacs(make_settings, tmp_path, capsys):
 
 def test_cget_from_a_pacs_that_does_not_know_the_node_says_so(make_settings, pacs):
     """Orthanc accepts the association, then aborts the C-GET of an unregistered AE."""
-    from node.pull import DimsePuller, PullError
-    from node.service import build_node
+    from node.dicom.pull import DimsePuller, PullError
+    from node.runtime import build_node
 
     orthanc, uids = pacs
     settings = make_settings(peers=[orthanc_peer(orthanc)], ae_title="STRANGER")
@@ -204,8 +204,8 @@ def test_cget_from_a_pacs_that_does_not_know_the_node_says_so(make_settings, pac
 
 def test_cget_into_a_full_store_reports_the_failed_suboperations(make_settings, pacs, tmp_path):
     """Each C-STORE the node cannot keep is answered 0xA700; the pull names the failures."""
-    from node.pull import DimsePuller, PullError
-    from node.service import build_node
+    from node.dicom.pull import DimsePuller, PullError
+    from node.runtime import build_node
     from tests.peers import fill_tmpfs, tmpfs
 
     orthanc, uids = pacs
@@ -230,8 +230,8 @@ def test_cget_from_a_pacs_that_freezes_mid_study_times_out_and_keeps_what_came(m
     network_timeout with a clear error; the instance that arrived is kept."""
     import signal
 
-    from node.pull import DimsePuller, PullError
-    from node.service import build_node
+    from node.dicom.pull import DimsePuller, PullError
+    from node.runtime import build_node
 
     orthanc, uids = pacs
     settings = make_settings(peers=[orthanc_peer(orthanc)], network_timeout=1, dimse_timeout=1)
@@ -260,10 +260,10 @@ def test_ctrl_c_during_cget_cancels_and_keeps_what_came(make_settings, pacs, cap
     stored before the interrupt stays stored."""
     import logging
 
-    from node.pull import DimsePuller
-    from node.service import build_node
+    from node.dicom.pull import DimsePuller
+    from node.runtime import build_node
 
-    caplog.set_level(logging.WARNING, logger="node.pull")
+    caplog.set_level(logging.WARNING, logger="node.dicom.pull")
     orthanc, uids = pacs
     settings = make_settings(peers=[orthanc_peer(orthanc)])
     orthanc.add_modality("AINODE", settings.ae_title, "127.0.0.1", settings.dicom_port)
@@ -285,8 +285,8 @@ def test_ctrl_c_during_cget_cancels_and_keeps_what_came(make_settings, pacs, cap
 
 def test_cget_reports_the_pacs_pending_counts(make_settings, pacs):
     """The PACS's pending responses (sub-operations remaining) reach the progress bar."""
-    from node.pull import DimsePuller
-    from node.service import build_node
+    from node.dicom.pull import DimsePuller
+    from node.runtime import build_node
 
     orthanc, uids = pacs
     settings = make_settings(peers=[orthanc_peer(orthanc)])

@@ -14,11 +14,14 @@ from sqlalchemy import select
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from node import imaging, phantom, registry, tasks  # noqa: E402
-from node.bundle import BundleError, ModelInfo  # noqa: E402
-from node.cli import main  # noqa: E402
-from node.db import ModelActivation  # noqa: E402
-from node.service import build_node  # noqa: E402
+from ainode.cli import main  # noqa: E402
+from node import phantom  # noqa: E402
+from node.analysis import imaging  # noqa: E402
+from node.analysis.bundle import BundleError, ModelInfo  # noqa: E402
+from node.records import registry  # noqa: E402
+from node.records.db import ModelActivation  # noqa: E402
+from node.runtime import build_node  # noqa: E402
+from node.workflow import tasks  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(  # Keras 3.15 with NumPy 2, inside get_weights()
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -31,7 +34,7 @@ DEMO_REF = "ainode-demo-phantom:0.3.0"
 @pytest.fixture(scope="module", autouse=True)
 def demo_onnx_cached():
     """The demo's ONNX export made once, so that copies of it activate without exporting."""
-    from node.bundle import ModelBundle
+    from node.analysis.bundle import ModelBundle
 
     ModelBundle.load(DEMO, runtime="onnx")
 
@@ -273,7 +276,7 @@ def test_activation_prepares_the_runtime_the_workers_will_use(
     try:
         folder = add_bundle(built.settings, "covid-ct", "3.0")
         (folder / "model.onnx").unlink(missing_ok=True)
-        caplog.set_level(logging.INFO, logger="node.bundle")
+        caplog.set_level(logging.INFO, logger="node.analysis.bundle")
         activate(built, "covid-ct:3.0")
     finally:
         built.close()

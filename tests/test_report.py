@@ -12,7 +12,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node import phantom
-from node.report import (
+from node.analysis.result import CLASSES, ModelIdentity, SliceResult, StudyResult
+from node.reporting.sr import (
     DEMO_WARNING,
     FINDING_CODES,
     DeviceObserver,
@@ -23,7 +24,6 @@ from node.report import (
     send_sr_dimse,
     send_sr_stow,
 )
-from node.result import CLASSES, ModelIdentity, SliceResult, StudyResult
 from node.settings import Peer
 from tests.conftest import orthanc_peer
 from tests.peers import free_port, start_orthanc

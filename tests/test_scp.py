@@ -15,8 +15,8 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from node import phantom
-from node.db import Instance, Series, Study
-from node.part10 import split_part10
+from node.ingest.part10 import split_part10
+from node.records.db import Instance, Series, Study
 from tests.conftest import orthanc_peer
 from tests.peers import echoscu, fill_tmpfs, storescu, tmpfs
 
@@ -94,7 +94,7 @@ def test_orthanc_push_is_stored_whole_and_byte_identical(scp, orthanc, chest_ser
 
 def test_unknown_calling_ae_is_rejected_and_logged(scp, chest_series, caplog):
     _spec, files = chest_series
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     result = storescu("127.0.0.1", scp.settings.dicom_port, files[:1], calling_ae="INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
@@ -106,13 +106,13 @@ def test_unknown_calling_ae_is_rejected_and_logged(scp, chest_series, caplog):
 
 
 def test_association_refused_when_free_disk_below_threshold(make_settings, chest_series, caplog):
-    from node.scp import start_scp
-    from node.service import build_node
+    from node.dicom.scp import start_scp
+    from node.runtime import build_node
 
     settings = make_settings(min_free_disk_mb=10**12)
     node = build_node(settings, migrate=True)
     server = start_scp(settings, node.ingestor)
-    caplog.set_level(logging.ERROR, logger="node.scp")
+    caplog.set_level(logging.ERROR, logger="node.dicom.scp")
     try:
         result = storescu("127.0.0.1", settings.dicom_port, chest_series[1][:1])
     finally:
@@ -182,8 +182,8 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
     make_settings, chest_series, tmp_path, break_store, expected
 ):
     """Real file systems (tmpfs) that fill up or turn read-only under a running node."""
-    from node.scp import start_scp
-    from node.service import build_node
+    from node.dicom.scp import start_scp
+    from node.runtime import build_node
 
     with tmpfs(tmp_path / "small-store") as store:
         settings = make_settings(store_url=store.as_uri())
@@ -208,7 +208,7 @@ def test_store_that_cannot_write_answers_out_of_resources_and_records_nothing(
 
 
 def test_node_refuses_to_start_on_a_store_it_cannot_write(make_settings, tmp_path, capsys):
-    from node.cli import main
+    from ainode.cli import main
     from tests.config import write_config
 
     with tmpfs(tmp_path / "ro-store", "size=1m,ro") as store:
@@ -239,7 +239,7 @@ def test_compressed_transfer_syntaxes_are_stored_as_sent(scp, tmp_path, syntax):
 
 
 def test_node_echo_command_reaches_orthanc(orthanc, tmp_path, capsys):
-    from node.cli import main
+    from ainode.cli import main
 
     config = tmp_path / "ainode.toml"
     peer = orthanc_peer(orthanc)
@@ -266,8 +266,8 @@ def test_node_sockets_disable_nagle(node):
     from pynetdicom import evt
     from pynetdicom.sop_class import Verification
 
-    from node.network import handle_conn_open
-    from node.scp import start_scp
+    from node.dicom.network import handle_conn_open
+    from node.dicom.scp import start_scp
 
     server = start_scp(node.settings, node.ingestor)
     ae = AE(ae_title="TESTSCU")
@@ -295,7 +295,7 @@ def test_node_sockets_disable_nagle(node):
 def test_cget_requests_at_most_128_presentation_contexts():
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-    from node.pull import cget_contexts
+    from node.dicom.pull import cget_contexts
 
     contexts = cget_contexts()
     assert 40 <= len(contexts) <= 128

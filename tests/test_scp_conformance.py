@@ -28,9 +28,9 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
-from node.db import Instance
-from node.network import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from node.part10 import split_part10
+from node.dicom.network import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.ingest.part10 import split_part10
+from node.records.db import Instance
 from tests.peers import echoscu, free_port
 from tests.test_scp_edges import pdata, running_scp, spooled, wait_for_log
 from tests.test_scp_fuzz import A_ASSOCIATE_AC, A_RELEASE_RP, REQUEST
@@ -273,7 +273,7 @@ def test_big_endian_dataset_is_read_and_stored(scp, chest_series, tmp_path):
 
 
 def test_called_ae_is_checked_when_required(make_settings, caplog):
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, require_called_aet=True) as (node, _server):
         port = node.settings.dicom_port
         wrong = echoscu("127.0.0.1", port, calling_ae="ECHOSCU", called_ae="NOTME")
@@ -284,7 +284,7 @@ def test_called_ae_is_checked_when_required(make_settings, caplog):
 
 
 def test_a_non_storage_request_on_a_storage_context_is_answered_not_aborted(scp, caplog):
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(Verification)
@@ -315,7 +315,7 @@ def test_every_node_ae_shows_one_implementation_identity(scp, make_settings, tmp
     association.release()
     assert seen_as_scp == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 
-    from node.cli import main
+    from ainode.cli import main
     from node.settings import Peer
     from tests.config import write_config
 
@@ -396,7 +396,7 @@ def test_unknown_dimse_command_is_answered_and_the_association_carries_on(
     status (and the command field of the request with its response bit), the data set
     that followed the request is read and dropped, and the next C-ECHO on the same
     association is answered as usual."""
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     with (
         running_scp(make_settings) as (node, _server),
         socket.create_connection(("127.0.0.1", node.settings.dicom_port), timeout=10) as sock,

@@ -25,10 +25,10 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import func, select
 
-from node.db import Instance
-from node.part10 import split_part10
-from node.scp import start_scp
-from node.service import build_node
+from node.dicom.scp import start_scp
+from node.ingest.part10 import split_part10
+from node.records.db import Instance
+from node.runtime import build_node
 from tests.peers import echoscu, storescu
 
 
@@ -110,7 +110,7 @@ def wait_for_log(caplog, text: str, timeout: float = 10) -> str:
 def test_sender_abort_mid_instance_stores_nothing_and_the_node_carries_on(
     scp, chest_series, caplog
 ):
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     files = chest_series[1]
     association = ct_association(scp.settings.dicom_port)
     send_half_an_instance(association, files[0])
@@ -125,7 +125,7 @@ def test_sender_abort_mid_instance_stores_nothing_and_the_node_carries_on(
 
 
 def test_connection_cut_mid_instance_stores_nothing(scp, chest_series, caplog):
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     association = ct_association(scp.settings.dicom_port)
     send_half_an_instance(association, chest_series[1][0])
     # the sender's process dies: no A-ABORT, no release
@@ -137,7 +137,7 @@ def test_connection_cut_mid_instance_stores_nothing(scp, chest_series, caplog):
 
 
 def test_silent_association_is_aborted_after_the_network_timeout(make_settings, caplog):
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, network_timeout=0.5) as (node, _server):
         association = ct_association(node.settings.dicom_port)  # then says nothing
         deadline = time.monotonic() + 10
@@ -152,7 +152,7 @@ def test_sender_trickling_a_half_instance_is_cut_at_the_deadline(
 ):
     """A byte now and then keeps pynetdicom's per-recv timeout from firing; the node's
     wall-clock deadline cuts the association and keeps nothing."""
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, network_timeout=1) as (node, _server):
         association = ct_association(node.settings.dicom_port)
         sock = association.dul.socket.socket
@@ -176,7 +176,7 @@ def test_sender_trickling_a_half_instance_is_cut_at_the_deadline(
 
 def test_connection_that_never_associates_is_closed_after_the_acse_timeout(make_settings, caplog):
     """A-ASSOCIATE-RQ announced, then trickled: closed after acse_timeout, wall clock."""
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, acse_timeout=1) as (node, _server):
         port = node.settings.dicom_port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -211,7 +211,7 @@ def test_not_dicom_on_the_dicom_port_is_closed_and_the_node_carries_on(make_sett
 
 
 def test_association_beyond_the_limit_is_rejected_until_one_ends(make_settings, caplog):
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, max_associations=2) as (node, server):
         port = node.settings.dicom_port
         open_ones = [ct_association(port) for _ in range(2)]
@@ -238,7 +238,7 @@ def test_association_beyond_the_limit_is_rejected_until_one_ends(make_settings, 
 def test_connections_not_yet_associated_are_capped(make_settings, caplog):
     """Idle connections that never send A-ASSOCIATE-RQ cannot use up the node's threads:
     beyond the cap they are closed at once, and each is closed at the ACSE deadline."""
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings, max_pending_connections=3, acse_timeout=2) as (
         node,
         server,
@@ -261,7 +261,7 @@ def test_connections_not_yet_associated_are_capped(make_settings, caplog):
 
 def test_small_pdus_reassemble_byte_identical(make_settings, chest_series, caplog):
     """A node limited to 4 kB PDUs gets each slice in ~130 fragments; the file is whole."""
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     files = chest_series[1][:3]
     with running_scp(make_settings, max_pdu_size=4096) as (node, _server):
         result = storescu("127.0.0.1", node.settings.dicom_port, files)
@@ -313,7 +313,7 @@ def test_concurrent_senders_are_all_stored(scp, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from node import phantom
-    from node.db import Study
+    from node.records.db import Study
 
     folders = []
     for index in range(3):
@@ -331,7 +331,7 @@ def test_concurrent_senders_are_all_stored(scp, tmp_path):
 
 
 def test_stopping_node_aborts_open_associations_and_says_why(make_settings, caplog):
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     with running_scp(make_settings) as (node, server):
         association = ct_association(node.settings.dicom_port)
         deadline = time.monotonic() + 10

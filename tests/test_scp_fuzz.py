@@ -425,7 +425,7 @@ def test_connections_opened_in_a_burst_all_associate(make_settings, caplog):
     """Four senders opening 200 associations back to back: each is accepted and released.
     None may be taken for a connection 'closed before it associated' while pynetdicom is
     still starting its threads (a race that cut ~3% of them)."""
-    caplog.set_level(logging.WARNING, logger="node.scp")
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
     with running_scp(make_settings) as (node, server):
         port = node.settings.dicom_port
         with ThreadPoolExecutor(4) as pool:
@@ -439,7 +439,7 @@ def test_connections_opened_in_a_burst_all_associate(make_settings, caplog):
 def test_request_without_contexts_is_aborted_at_once(make_settings, caplog):
     """A request offering no presentation context gets its A-ABORT within a second, not after
     network_timeout, and the log says why."""
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     with running_scp(make_settings, network_timeout=30) as (node, _):
         reply, closed, seconds = exchange(
             node.settings.dicom_port, without_presentation_contexts(REQUEST)
@@ -453,7 +453,7 @@ def test_request_without_contexts_is_aborted_at_once(make_settings, caplog):
 def test_offer_of_nothing_the_node_accepts_is_logged_with_what_was_offered(make_settings, caplog):
     """A PACS offering only SOP classes the node does not take (here a made-up one) is told
     so in the A-ASSOCIATE-AC, and the administrator reads in the log what it offered."""
-    caplog.set_level(logging.INFO, logger="node.scp")
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
     with running_scp(make_settings) as (node, _):
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context("1.2.3.4.5.6.7")

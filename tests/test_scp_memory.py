@@ -28,8 +28,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import EnhancedCTImageStorage
 from sqlalchemy import select
 
-from node.db import Instance
-from node.service import build_node
+from node.records.db import Instance
+from node.runtime import build_node
 from tests.config import write_config
 from tests.peers import echoscu, stop_process, storescu, wait_for_port
 
@@ -166,7 +166,7 @@ def test_scp_memory_stays_flat_while_four_senders_push_500mb_each(make_settings,
         log_path = tmp_path / "node.log"
         with log_path.open("ab") as log:
             node = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "--config", str(config), "scp"],
+                [sys.executable, "-m", "ainode.cli", "--config", str(config), "scp"],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from node.cli import main
+from ainode.cli import main
 from tests.config import write_config
 from tests.peers import storescu, wait_for_port
 
@@ -19,7 +19,7 @@ from tests.peers import storescu, wait_for_port
 def start_serve(config, log_path) -> subprocess.Popen:
     log = log_path.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "scp"],
+        [sys.executable, "-m", "ainode.cli", "--config", str(config), "scp"],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -28,7 +28,7 @@ def start_serve(config, log_path) -> subprocess.Popen:
 
 def studies_json(config) -> list[dict]:
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "studies", "--json"],
+        [sys.executable, "-m", "ainode.cli", "--config", str(config), "studies", "--json"],
         capture_output=True,
         text=True,
         check=True,
@@ -101,8 +101,8 @@ def test_study_left_receiving_by_a_crash_becomes_stable_when_the_node_returns(
 def test_studies_table_lists_status_counts_and_description(
     make_settings, chest_series, tmp_path, capsys
 ):
-    from node.scp import start_scp
-    from node.service import build_node
+    from node.dicom.scp import start_scp
+    from node.runtime import build_node
 
     settings = make_settings()
     node = build_node(settings, migrate=True)
@@ -136,7 +136,7 @@ def test_bad_settings_give_one_clear_line(tmp_path, env, message):
         **env,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "db", "upgrade"],
+        [sys.executable, "-m", "ainode.cli", "db", "upgrade"],
         capture_output=True,
         text=True,
         env=full_env,

@@ -20,10 +20,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from node.db import Instance
-from node.network import client_tls_args
-from node.scp import start_scp
-from node.service import build_node
+from node.dicom.network import client_tls_args
+from node.dicom.scp import start_scp
+from node.records.db import Instance
+from node.runtime import build_node
 from node.settings import Peer
 from tests.config import write_config
 from tests.peers import LOOPBACK, free_port, start_orthanc, storescu
@@ -294,7 +294,7 @@ def echo_config(make_settings, pki, tmp_path, port: int, *, peer_ca, node_ca=Non
 @pytest.mark.parametrize("bundle", ["peer", "node"])
 def test_node_echo_over_tls(make_settings, pki, tmp_path, capsys, bundle):
     """The PACS's CA comes from the peer's tls_ca_bundle, else from the node's."""
-    from node.cli import main
+    from ainode.cli import main
 
     cas = {"peer": {"peer_ca": pki.ca}, "node": {"peer_ca": None, "node_ca": pki.ca}}[bundle]
     with tls_pacs(pki, pki.node_cert, pki.node_key) as port:
@@ -317,7 +317,7 @@ def test_node_echo_to_an_untrusted_pacs_fails(
     and, above it, pynetdicom's ERROR lines give the reason (``TCP Initialisation Error:
     [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ...``, then a traceback).
     Here they go to caplog, as pytest owns the root logger."""
-    from node.cli import main
+    from ainode.cli import main
 
     if pacs == "signed-by-another-ca":
         cert, key, peer_ca = pki.node_cert, pki.node_key, pki.stranger_ca
@@ -341,7 +341,7 @@ def test_node_echo_to_an_untrusted_pacs_fails(
 def test_orthanc_tls_push_to_the_node_and_node_echo_to_orthanc(
     make_settings, pki, tmp_path, chest_series, capsys
 ):
-    from node.cli import main
+    from ainode.cli import main
 
     orthanc = start_orthanc(
         tmp_path / "orthanc",

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ainode.cli import main
 from node import phantom
-from node.bundle import ModelInfo
-from node.cli import main
-from node.labels import add_label
-from node.service import build_node
+from node.analysis.bundle import ModelInfo
+from node.records.labels import add_label
+from node.runtime import build_node
 from node.settings import Settings
 from training.samples import read_samples
 from training.shards import PreparedRun, resize_like_the_model
@@ -183,7 +183,7 @@ def test_fit_killed_mid_shard_resumes_from_its_checkpoint(trained, tmp_path):
         (resumed / name).write_bytes((run / name).read_bytes())
     (resumed / "shards").symlink_to(run / "shards")
     command = [
-        sys.executable, "-m", "node.cli", "train", "fit", str(resumed), "--backbone",
+        sys.executable, "-m", "ainode.cli", "train", "fit", str(resumed), "--backbone",
         "EfficientNetLite0", "--input-size", "32", "--freeze-base", "--batch-size", "16",
         "--epochs", "3", "--patience", "9", "--lr", "1e-3",
     ]  # fmt: skip

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node.cli import main
-from node.result import CLASSES
+from ainode.cli import main
+from node.analysis.result import CLASSES
 from training import devices
 from training.augment import AugmentOptions, augment_image
 from training.fit import FitError, _start_state
@@ -189,7 +189,7 @@ def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
 
     import keras
 
-    from node.bundle import ModelBundle, ModelInfo, write_bundle
+    from node.analysis.bundle import ModelBundle, ModelInfo, write_bundle
     from training.model import make_model
 
     keras.mixed_precision.set_global_policy("mixed_float16")

@@ -10,9 +10,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node import phantom
-from node.db import AuditEvent, KeywordClass, User, utcnow
-from node.export import export_bundle
-from node.labels import add_label, effective_keyword_classes
+from node.records.db import AuditEvent, KeywordClass, User, utcnow
+from node.records.export import export_bundle
+from node.records.labels import add_label, effective_keyword_classes
 from tests.webui import PASSWORDS, csrf_token
 
 SETTINGS_MAPPING = {

@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from node import users
-from node.cli import main
-from node.db import AuditEvent, User
+from ainode.cli import main
+from node.records import users
+from node.records.db import AuditEvent, User
 from tests.webui import PASSWORDS, USERNAMES, csrf_token, sign_in
 
 

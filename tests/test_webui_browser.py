@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from node import imaging, phantom
+from node import phantom
+from node.analysis import imaging
 from tests.config import write_config
 from tests.peers import free_port, storescu, wait_for_port
 from tests.test_analysis_e2e import studies
@@ -40,7 +41,7 @@ def running_node(make_settings, tmp_path):
     settings = make_settings(web_port=free_port(), study_stable_seconds=2)
     config = write_config(settings, tmp_path / "ainode.toml")
     env = {**os.environ, "E2E_PASSWORD": PASSWORD, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    base = [sys.executable, "-m", "node.cli", "--config", str(config)]
+    base = [sys.executable, "-m", "ainode.cli", "--config", str(config)]
     subprocess.run(
         [*base, "user", "add", "dr.browser", "--name", "Dr Browser", "--password-env",
          "E2E_PASSWORD"], check=True, env=env, capture_output=True,

@@ -15,9 +15,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node import phantom
-from node.db import AuditEvent, ExportJob, ExportStatus, utcnow
-from node.export import export_bundle
-from node.labels import add_label
+from node.records.db import AuditEvent, ExportJob, ExportStatus, utcnow
+from node.records.export import export_bundle
+from node.records.labels import add_label
 from tests.webui import csrf_token
 
 JOB_TIMEOUT_S = 120

@@ -18,8 +18,9 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from node import imaging, phantom
-from node.db import (
+from node import phantom
+from node.analysis import imaging
+from node.records.db import (
     Analysis,
     AnalysisStatus,
     AuditEvent,
@@ -33,8 +34,8 @@ from node.db import (
     Verdict,
     utcnow,
 )
-from node.pipeline import due_work
 from node.settings import Peer
+from node.workflow.sweeper import due_work
 from tests.webui import csrf_token
 
 SLICES = 12

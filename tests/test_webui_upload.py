@@ -17,9 +17,11 @@ from pydicom.uid import MRImageStorage
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from node import imaging, phantom, registry  # noqa: E402
-from node.bundle import ModelInfo  # noqa: E402
-from node.result import CLASSES  # noqa: E402
+from node import phantom  # noqa: E402
+from node.analysis import imaging  # noqa: E402
+from node.analysis.bundle import ModelInfo  # noqa: E402
+from node.analysis.result import CLASSES  # noqa: E402
+from node.records import registry  # noqa: E402
 from tests.webui import csrf_token  # noqa: E402
 
 pytestmark = [

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import pytest
 from sqlalchemy import event, select
 
-from node import users
-from node.db import Analysis, AuditEvent, KeywordClass, Label, Series, Study
-from node.service import build_node
+from node.records import users
+from node.records.db import Analysis, AuditEvent, KeywordClass, Label, Series, Study
+from node.runtime import build_node
 from node.settings import Settings
 from tests.webui import PASSWORDS, USERNAMES, csrf_token, sign_in
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node import users
-from node.service import build_node
+from node.records import users
+from node.runtime import build_node
 from node.settings import Settings
 
 PASSWORDS = {"radiologist": "radiologist-pass-1", "admin": "admin-pass-123"}

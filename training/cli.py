@@ -100,6 +100,14 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true", help="discard an unfinished fit")
 
 
+def run(settings, argv: list[str]) -> int:
+    """``ainode train ARGV...`` without the ``ainode`` command line (the demo's trainer)."""
+    parser = argparse.ArgumentParser(prog="ainode")
+    handlers = register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *argv])
+    return handlers[args.command](settings, args)
+
+
 def cmd_train(settings, args: argparse.Namespace) -> int:
     """Run one training step."""
     return {"prepare": _prepare, "fit": _fit, "evaluate": _evaluate, "register": _register}[
@@ -238,8 +246,8 @@ def _register(settings, args: argparse.Namespace) -> int:
     if args.out is not None:
         return 0
     if args.activate:
-        from node import registry
-        from node.service import build_node
+        from node.records import registry
+        from node.runtime import build_node
 
         node = build_node(settings)
         with node.session_factory() as session:

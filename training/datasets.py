@@ -18,7 +18,7 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 from training.samples import SPLITS, Sample
 
 logger = logging.getLogger(__name__)

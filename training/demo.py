@@ -36,7 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from node import imaging, phantom  # noqa: E402
+from node import phantom  # noqa: E402
+from node.analysis import imaging  # noqa: E402
 
 NAME, VERSION = "ainode-demo-phantom", "0.3.0"
 DESCRIPTION = (
@@ -116,17 +117,17 @@ def write_class_folders(seeds: list[int], size: int, out: Path) -> int:
 
 def train(args: argparse.Namespace, work: Path) -> Path:
     """Class folders → ``ainode train prepare|fit|evaluate|register``; the bundle folder."""
-    from node.cli import main as ainode
+    from node.settings import Settings
+    from training import cli
 
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
     images = write_class_folders(seeds, args.rows, work / "phantoms")
     print(f"{images} labelled slices of {len(seeds)} phantom patients")
-    config = work / "ainode.toml"
-    config.write_text(f'data_dir = "{work / "data"}"\n', encoding="utf-8")
+    settings = Settings(data_dir=work / "data")
     run = work / "run"
 
     def step(*argv: str) -> None:
-        if ainode(["--config", str(config), "train", *argv]) != 0:
+        if cli.run(settings, list(argv)) != 0:
             raise SystemExit(f"ainode train {argv[0]} failed")
 
     step(

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from node.result import CLASSES, aggregate
+from node.analysis.result import CLASSES, aggregate
 
 COVID_CLASS = "Covid_19"
 HISTORY_METRICS = ("accuracy", "loss")
@@ -156,7 +156,7 @@ def study_level(
     """Per-study labels and probabilities, slices aggregated as the node does.
 
     Studies come in order of first appearance; each study's probabilities are
-    ``node.result.aggregate(its slices, classes, rule)``. A study whose slices carry
+    ``node.analysis.result.aggregate(its slices, classes, rule)``. A study whose slices carry
     different true labels is a ValueError naming the study.
     """
     classes = tuple(classes)

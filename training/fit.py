@@ -197,7 +197,7 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
 
 def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict):
     """The model to train: the resume point, or a new compiled one; and the run's notes."""
-    from node.result import CLASSES
+    from node.analysis.result import CLASSES
     from training.model import make_model, resolve_weights, set_batchnorm_momentum, start_head_from
 
     notes = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from node.bundle import INFO_FILE, ModelInfo
+from node.analysis.bundle import INFO_FILE, ModelInfo
 
 LITE_BACKBONES = tuple(f"EfficientNetLite{i}" for i in range(3))
 BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + LITE_BACKBONES
@@ -58,7 +58,7 @@ def make_model(
     -------
     keras.Model
         Input ``(batch, height, width, 1)`` uint8 grayscale at any height and width (a
-        windowed 512 x 512 CT slice, say; ``node.bundle.ModelBundle.predict`` also takes
+        windowed 512 x 512 CT slice, say; ``node.analysis.bundle.ModelBundle.predict`` also takes
         ``(batch, height, width)``); output ``(batch, classes)`` probabilities.
     """
     _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout)

@@ -8,9 +8,9 @@ import os
 import re
 from pathlib import Path
 
-from node import imaging
-from node.bundle import ModelInfo, write_bundle
-from node.result import CLASSES
+from node.analysis import imaging
+from node.analysis.bundle import ModelInfo, write_bundle
+from node.analysis.result import CLASSES
 from training.fit import FIT_DIR, OPTIONS_FILE, SUMMARY_FILE
 from training.scoring import checkpoint_path, read_evaluation
 from training.shards import PreparedRun

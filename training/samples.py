@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 
 SPLITS = ("train", "val", "test")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 from training.evaluate import evaluate_predictions, write_report
 from training.fit import BEST_MODEL, FIT_DIR, HISTORY_FILE, LAST_MODEL
 from training.shards import PreparedRun

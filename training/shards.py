@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 from training.augment import AugmentOptions, augment_image
 from training.samples import SPLITS, Sample, read_samples, sha256_of, write_samples
 

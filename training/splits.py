@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 
-from node.result import CLASSES
+from node.analysis.result import CLASSES
 from training.samples import SPLITS, Sample
 
 

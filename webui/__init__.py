@@ -15,7 +15,7 @@ from pathlib import Path
 from flask import Flask, Request, g, render_template
 from flask_wtf.csrf import CSRFProtect
 
-from node.service import Node, build_node
+from node.runtime import Node, build_node
 from node.settings import Settings
 
 csrf = CSRFProtect()

@@ -10,8 +10,8 @@ from flask_login import current_user
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node import users
-from node.db import AuditEvent, User, UserRole
+from node.records import users
+from node.records.db import AuditEvent, User, UserRole
 from webui import audit, node, session
 from webui.auth import admin_required
 from webui.keyword_mapping import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from node.db import AuditEvent
+from node.records.db import AuditEvent
 
 ACTIONS = (
     "login",

@@ -11,8 +11,8 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from node import users
-from node.db import User, UserRole
+from node.records import users
+from node.records.db import User, UserRole
 from webui import audit, session
 
 bp = Blueprint("auth", __name__)

@@ -1,4 +1,4 @@
-"""Export jobs: one :class:`~node.db.ExportJob` row per export, run in a background thread.
+"""Export jobs: one :class:`~node.records.db.ExportJob` row per export, run in a background thread.
 
 The thread takes the job's id, re-reads its parameters and writes its progress, counts and
 outcome to the row, so the page only ever reads the database. A job that the process did not
@@ -17,9 +17,9 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from node.db import ExportJob, ExportStatus, utcnow
-from node.export import ExportSummary, export_bundle
-from node.service import Node
+from node.records.db import ExportJob, ExportStatus, utcnow
+from node.records.export import ExportSummary, export_bundle
+from node.runtime import Node
 from node.settings import Settings
 
 log = logging.getLogger(__name__)

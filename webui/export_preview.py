@@ -1,7 +1,7 @@
 """What an export would hold, read from the labels alone: studies, patients, instances per class.
 
 No pixel is read and nothing is written. The selection is the export's own
-(:class:`node.export.LabelFilter`: a study is taken when one of its labels is a chosen
+(:class:`node.records.export.LabelFilter`: a study is taken when one of its labels is a chosen
 keyword, case-insensitive, labelled in the date range) and the class follows the export
 too (series labels decide for their series, else the study's); the export itself may
 still skip a study that has no usable CT series or no lung slices.
@@ -18,10 +18,10 @@ from functools import cached_property
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db import Label, Study
-from node.export import LabelFilter
-from node.labels import LabelConflict, classify_keywords
-from node.result import CLASSES
+from node.analysis.result import CLASSES
+from node.records.db import Label, Study
+from node.records.export import LabelFilter
+from node.records.labels import LabelConflict, classify_keywords
 
 EXCLUDED = "excluded from training"
 NO_CLASS = "no class keyword"

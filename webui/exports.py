@@ -24,9 +24,9 @@ from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 from sqlalchemy import select
 
-from node.db import ExportJob, ExportStatus
-from node.labels import check_keyword, effective_keyword_classes
-from node.result import CLASSES
+from node.analysis.result import CLASSES
+from node.records.db import ExportJob, ExportStatus
+from node.records.labels import check_keyword, effective_keyword_classes
 from webui import audit, node, session
 from webui.export_jobs import ExportRunner, exports_root
 from webui.export_preview import (

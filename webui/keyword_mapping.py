@@ -1,4 +1,4 @@
-"""The admins' keyword → class mapping (:class:`~node.db.KeywordClass` rows).
+"""The admins' keyword → class mapping (:class:`~node.records.db.KeywordClass` rows).
 
 While no row exists the settings' ``keyword_classes`` are in force; the first edit copies
 them into rows, so an edit changes one keyword and keeps the others. Keywords match
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import KeywordClass, utcnow
-from node.labels import check_keyword
-from node.result import CLASSES
+from node.analysis.result import CLASSES
+from node.records.db import KeywordClass, utcnow
+from node.records.labels import check_keyword
 from node.settings import Settings
 
 EXCLUDE = "exclude"

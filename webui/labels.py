@@ -1,7 +1,7 @@
-"""Keyword labels on a study: add (typed, or one click) and remove, through ``node.labels``.
+"""Keyword labels on a study: add (typed, or one click) and remove, through ``node.records.labels``.
 
 Both take a form post or JSON (with the CSRF token either way) and answer with a flash on
-the study page (or JSON). Validation messages come from ``node.labels`` and reach the user.
+the study page (or JSON). Validation messages come from ``node.records.labels`` and reach the user.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint
 from flask_login import current_user, login_required
 
-from node.labels import (
+from node.records.labels import (
     UnknownStudyError,
     add_label,
     effective_keyword_classes,

@@ -7,7 +7,7 @@ from flask import abort, flash, jsonify, redirect, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import Analysis, AnalysisStatus, Report, Study
+from node.records.db import Analysis, AnalysisStatus, Report, Study
 
 
 def find_study(db: Session, study_id: int) -> Study:

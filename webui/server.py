@@ -7,7 +7,7 @@ import threading
 
 from waitress.server import create_server
 
-from node.service import Node
+from node.runtime import Node
 from node.settings import Settings
 
 log = logging.getLogger(__name__)

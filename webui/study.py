@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from flask import (
     Blueprint,
@@ -16,14 +16,13 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from pydicom.uid import generate_uid
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from node.db import Analysis, Report, ReportStatus, Verdict, utcnow
-from node.imaging import ImagingError
-from node.labels import effective_keyword_classes, labels_of
-from node.result import CLASSES, ModelIdentity
+from node.analysis.imaging import ImagingError
+from node.analysis.result import CLASSES, ModelIdentity
+from node.records.db import Analysis, Verdict, utcnow
+from node.records.labels import effective_keyword_classes, labels_of
+from node.reporting import delivery
 from webui import audit, node, session, viewer
 from webui.review import (
     answer,
@@ -191,7 +190,7 @@ def verdict(study_id: int):
 def resend_report(study_id: int):
     """Send the result's SR again: the report goes back to pending, due at the next sweep.
 
-    The node's own dispatcher (``node.pipeline.due_work``) hands it to the report queue,
+    The node's own dispatcher (``node.workflow.sweeper``) hands it to the report queue,
     so the web UI never talks to the broker; delivery keeps the SR's UIDs, so a PACS
     that has it already just receives the same instance again.
     """
@@ -202,16 +201,12 @@ def resend_report(study_id: int):
         abort(400, f"Study {study_id} has no result to report.")
     report = latest_report(db, result)
     previous = report.status if report is not None else None
-    if report is None:
-        report = _new_report(db, result)
-    settings = node().settings
-    report.status = ReportStatus.PENDING
-    report.retries = 0
-    report.last_error = None
-    report.sent_at = None
-    # due_work hands out pending reports whose retry time is requeue_after old (its guard
-    # against doubling a task already queued); a re-send asked for now is due now.
-    report.next_retry_at = utcnow() - timedelta(seconds=settings.requeue_after_seconds)
+    if report is None:  # no destination was configured when the result was made
+        try:
+            report = delivery.open_report(db, result.id, node().settings)
+        except delivery.NoDestination:
+            abort(400, "No report destination is configured (set report_peer, or one peer).")
+    delivery.resend(db, report)
     db.flush()
     audit.record(
         db,
@@ -227,21 +222,3 @@ def resend_report(study_id: int):
     return answer(
         study_id, f"The report will be sent to {report.destination} again shortly.", anchor="sr"
     )
-
-
-def _new_report(db: Session, result: Analysis) -> Report:
-    """A report for a result that has none (no destination was configured when it was made)."""
-    destination = node().settings.report_destination
-    if destination is None:
-        abort(400, "No report destination is configured (set report_peer, or one peer).")
-    report = Report(
-        analysis_id=result.id,
-        sop_instance_uid=generate_uid(),
-        series_instance_uid=generate_uid(),
-        destination=destination.name,
-        method=node().settings.report_method,
-        status=ReportStatus.PENDING,
-        retries=0,
-    )
-    db.add(report)
-    return report

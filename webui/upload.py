@@ -18,11 +18,11 @@ from flask_wtf.csrf import CSRFError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from node.bundle import INFO_FILE, BundleError, ModelInfo
-from node.db import utcnow
-from node.imaging import Window, to_png_bytes
-from node.pipeline import analysis_options
-from node.registry import ActiveBundle, active_model_dir
+from node.analysis.analyze import AnalysisOptions
+from node.analysis.bundle import INFO_FILE, BundleError, ModelInfo
+from node.analysis.imaging import Window, to_png_bytes
+from node.records.db import utcnow
+from node.records.registry import ActiveBundle, active_model_dir
 from node.settings import Settings
 from webui import node, session
 from webui.uploaded_image import (
@@ -108,7 +108,7 @@ def classify():
     """The active model's class and probabilities for the uploaded file (JSON)."""
     data, name = _uploaded()
     settings = node().settings
-    image = read_upload(data, analysis_options(settings))
+    image = read_upload(data, AnalysisOptions.from_settings(settings))
     served: ServedModel = current_app.extensions["ainode_served_model"]
     try:
         result = served.classify(session(), image)

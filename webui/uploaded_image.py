@@ -18,10 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node import imaging
-from node.analysis import AnalysisError, AnalysisOptions, windowed_lung_slices
-from node.bundle import ModelBundle
-from node.result import ModelIdentity, aggregate
+from node.analysis import imaging
+from node.analysis.analyze import AnalysisError, AnalysisOptions, windowed_lung_slices
+from node.analysis.bundle import ModelBundle
+from node.analysis.result import ModelIdentity, aggregate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"

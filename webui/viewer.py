@@ -1,6 +1,6 @@
 """The study viewer's slices: which series is shown, in which order, and one slice as a PNG.
 
-The viewer shows the series inference evaluates (:func:`node.analysis.eligible_series`, or
+The viewer shows the series inference evaluates (:func:`node.analysis.analyze.eligible_series`, or
 the series of the latest result's slices), head first, one entry per frame. Building that
 list reads every instance header, so it is kept per study until the study or its result
 changes. Store keys come from the database only, never from a request.
@@ -19,10 +19,10 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node import imaging
-from node.analysis import AnalysisError, eligible_series
-from node.db import Analysis, Instance, Series, Study
-from node.service import Node
+from node.analysis import imaging
+from node.analysis.analyze import AnalysisError, eligible_series
+from node.records.db import Analysis, Instance, Series, Study
+from node.runtime import Node
 
 HU_LIMIT = 32768.0  # beyond any stored CT value (16-bit signed)
 WINDOW_CHOICES = ("lung", "mediastinum", "custom")
@@ -192,7 +192,7 @@ def _number(args: Mapping[str, str], name: str) -> float:
 def render_slice(node: Node, item: ViewerSlice, window: imaging.Window) -> bytes:
     """One slice windowed to 8-bit and encoded as PNG.
 
-    Raises :class:`node.imaging.ImagingError` or ``OSError`` when the file cannot be shown.
+    Raises :class:`node.analysis.imaging.ImagingError` or ``OSError`` when the file cannot be shown.
     """
     ds = dcmread(node.store.path(item.store_key))
     pixels = imaging.windowed_slices(ds, window)[item.frame]

@@ -9,15 +9,15 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import Label, Study, StudyStatus
-from node.labels import (
+from node.analysis.result import CLASSES
+from node.records.db import Label, Study, StudyStatus
+from node.records.labels import (
     add_label,
     canonical_keyword,
     check_keyword,
     effective_keyword_classes,
     remove_label,
 )
-from node.result import CLASSES
 from webui import audit, node, session
 from webui.worklist_query import (
     MAX_PER_PAGE,

@@ -16,12 +16,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import case, false, func, select
 from sqlalchemy.orm import Session, aliased
 
-from node.db import Analysis, AnalysisStatus, Label, Study, StudyStatus
-from node.result import CLASSES
+from node.analysis.result import CLASSES
+from node.records.db import Analysis, AnalysisStatus, Label, Study, StudyStatus
 
 DEFAULT_PER_PAGE = 50
 MAX_PER_PAGE = 200
-# Keywords are printable (node.labels.check_keyword), so a control character can't be in one.
+# Keywords are printable (node.records.labels.check_keyword): no control character in one.
 KEYWORD_SEPARATOR = "\x1f"
 SORTS = ("received", "study_date", "status", "class", "probability")
 DATE_FIELDS = ("received", "study_date")

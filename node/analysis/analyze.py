@@ -1,0 +1,162 @@
+"""The analysis pipeline: stored instances in, a study result out (no queue, no database).
+
+Reads as its stages: load headers → skip what is not an axial CT image → pick the
+series → order slices → HU → lung-bearing slices → window → model → aggregate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.analysis import imaging
+from node.analysis.result import SliceResult, StudyResult, aggregate
+
+if TYPE_CHECKING:
+    from node.analysis.bundle import ModelBundle
+    from node.settings import Settings
+
+
+class AnalysisError(RuntimeError):
+    """The study cannot be analysed (nothing to evaluate); the message says why."""
+
+
+@dataclass
+class AnalysisOutcome:
+    """A study result plus what was skipped and how long each stage took (seconds)."""
+
+    result: StudyResult
+    evaluated: list[Dataset]
+    skipped: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How slices are chosen and windowed and how the study answer is formed."""
+
+    window: imaging.Window = imaging.LUNG
+    stride: int = 1
+    min_lung_fraction: float = 0.05
+    rule: str = "top-mean"
+    batch_size: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnalysisOptions:
+        """The options the node's settings ask for (the workers, the CLI and the web UI)."""
+        return cls(
+            window=imaging.Window(settings.window_center, settings.window_width),
+            stride=settings.slice_stride,
+            min_lung_fraction=settings.min_lung_fraction,
+            rule=settings.aggregation_rule,
+        )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 4)
+        self._last = now
+
+
+def eligible_series(paths: Sequence[Path]) -> tuple[list[Dataset], dict[str, str]]:
+    """Headers of the instances of the largest eligible series, and why others were skipped."""
+    by_series: dict[str, list[Dataset]] = {}
+    skipped: dict[str, str] = {}
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=False, defer_size="1 KB")
+        ds.filename = str(path)
+        reason = imaging.skip_reason(ds)
+        if reason:
+            skipped[str(ds.SOPInstanceUID)] = reason
+            continue
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    if not by_series:
+        raise AnalysisError(
+            "no axial CT image to analyse" + (f" ({_reasons(skipped)})" if skipped else "")
+        )
+    chosen = max(by_series.values(), key=len)
+    for uid, datasets in by_series.items():
+        if datasets is not chosen:
+            for ds in datasets:
+                skipped[str(ds.SOPInstanceUID)] = f"other series {uid} (the largest is evaluated)"
+    return [chosen[i] for i in imaging.slice_order(chosen)], skipped
+
+
+def _reasons(skipped: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for reason in skipped.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{n} × {reason}" for reason, n in counts.items())
+
+
+def windowed_lung_slices(
+    datasets: Sequence[Dataset], options: AnalysisOptions
+) -> tuple[list[tuple[Dataset, int]], np.ndarray]:
+    """(dataset, frame) of the lung-bearing slices chosen, and their windowed uint8 pixels."""
+    frames: list[tuple[Dataset, int]] = []
+    images: list[np.ndarray] = []
+    fractions: list[float] = []
+    for ds in datasets:
+        hu = imaging.hounsfield_frames(ds)
+        for index, frame in enumerate(hu):
+            frames.append((ds, index))
+            fractions.append(imaging.lung_fraction(frame))
+            images.append(imaging.apply_window(frame, options.window))
+    chosen = imaging.select_slices(fractions, options.stride, options.min_lung_fraction)
+    if not chosen:
+        raise AnalysisError(
+            f"none of {len(frames)} slices shows lungs "
+            f"(lung fraction < {options.min_lung_fraction})"
+        )
+    return [frames[i] for i in chosen], np.stack([images[i] for i in chosen])
+
+
+def analyze_instances(
+    paths: Sequence[Path], bundle: ModelBundle, options: AnalysisOptions | None = None
+) -> AnalysisOutcome:
+    """Run the whole pipeline over a study's stored instance files."""
+    options = options or AnalysisOptions()
+    clock = _Clock()
+    datasets, skipped = eligible_series(paths)
+    clock.lap("load")
+    frames, pixels = windowed_lung_slices(datasets, options)
+    clock.lap("preprocess")
+    probabilities = bundle.predict(pixels, batch_size=options.batch_size)
+    clock.lap("inference")
+    classes = bundle.info.classes
+    predicted, study_probabilities = aggregate(probabilities, classes, options.rule)
+    slices = tuple(
+        SliceResult(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            frame=frame if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None,
+            probabilities=tuple(float(p) for p in row),
+        )
+        for (ds, frame), row in zip(frames, probabilities, strict=True)
+    )
+    result = StudyResult(
+        classes=classes,
+        probabilities=study_probabilities,
+        predicted_class=predicted,
+        rule=options.rule,
+        slices=slices,
+        model=bundle.info.identity(),
+    )
+    clock.lap("aggregate")
+    evaluated: dict[str, Dataset] = {}
+    for ds, _frame in frames:
+        evaluated.setdefault(str(ds.SOPInstanceUID), ds)
+    return AnalysisOutcome(result, list(evaluated.values()), skipped, clock.timings)

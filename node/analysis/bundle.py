@@ -1,0 +1,526 @@
+"""Model bundles (training → node): ``model.json`` checked first, then the model, then inference.
+
+A bundle is a folder with ``model.keras`` and ``model.json``. The node refuses a bundle whose
+preprocessing, classes or input size it does not know before it loads any weights. TensorFlow,
+tf2onnx and onnxruntime are imported only when a bundle is loaded, so the rest of the node
+(web UI, DIMSE services) runs without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node.analysis.result import CLASSES, ModelIdentity
+
+log = logging.getLogger(__name__)
+
+# Must equal node.analysis.imaging.PREPROCESSING_VERSION (a test checks); a new version of the pixel
+# pipeline means old bundles are refused rather than fed pixels they were not trained on.
+PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
+RUNTIMES = ("auto", "keras", "onnx")
+INPUT_SIZE_RANGE = (32, 1024)
+MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ONNX_SOURCE_KEY = "ainode.source_sha256"  # metadata: which model.keras the ONNX file came from
+
+
+class BundleError(ValueError):
+    """A model bundle that cannot be served; the message names the file and the field."""
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BundleError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise BundleError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _width(name: str, value: object) -> float:
+    if _number(name, value) <= 0:
+        raise BundleError(f"{name} must be greater than 0 HU, got {value!r}")
+    return float(value)
+
+
+def _classes(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or tuple(value) != CLASSES:
+        raise BundleError(f"{name} must be {list(CLASSES)} in this output order, got {value!r}")
+    return CLASSES
+
+
+def _input_size(name: str, value: object) -> int:
+    low, high = INPUT_SIZE_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BundleError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def _preprocessing(name: str, value: object) -> str:
+    if value not in PREPROCESSING_VERSIONS:
+        known = ", ".join(sorted(PREPROCESSING_VERSIONS))
+        raise BundleError(f"{name} {value!r} is unknown to this node (it knows {known})")
+    return value
+
+
+def _sha256_hex(name: str, value: object) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise BundleError(f"{name} must be 64 lowercase hex digits (SHA-256), got {value!r}")
+    return value
+
+
+def _json_dict(name: str, value: object) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise BundleError(f"{name} must be an object with string keys, got {value!r}")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))  # a private, JSON-clean copy
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{name} must hold only JSON numbers, strings, lists, objects") from exc
+
+
+def _framework(name: str, value: object) -> dict:
+    value = _json_dict(name, value)
+    for key in ("tensorflow", "keras"):
+        _text(f"{name}[{key!r}]", value.get(key))
+    return value
+
+
+def _created_at(name: str, value: object) -> str:
+    try:
+        stamp = datetime.datetime.fromisoformat(_text(name, value))
+    except ValueError:
+        stamp = None
+    if stamp is None or stamp.tzinfo is None:
+        raise BundleError(f"{name} must be an ISO 8601 time with a UTC offset, got {value!r}")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BundleError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _string(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise BundleError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``model.json`` says about a model; every field is validated on construction."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    input_size: int
+    window_center: float
+    window_width: float
+    preprocessing_version: str
+    backbone: str
+    dataset_manifest_hash: str
+    metrics: dict
+    framework: dict
+    created_at: str
+    demo: bool = False
+    description: str = ""
+    weights: dict = dataclasses.field(default_factory=dict)  # origin and SHA-256 of the start
+
+    def __post_init__(self) -> None:
+        for name, check in _FIELD_CHECKS.items():
+            object.__setattr__(self, name, check(name, getattr(self, name)))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelInfo:
+        """Read and validate ``model.json``; errors name the file and the field."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise BundleError(f"{path}: no {INFO_FILE} (is this a model bundle?)") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path}: not readable JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise BundleError(f"{path}: must hold a JSON object")
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+        if unknown or missing:
+            raise BundleError(f"{path}: unknown fields {unknown}, missing fields {missing}")
+        try:
+            return cls(**data)
+        except BundleError as exc:
+            raise BundleError(f"{path}: {exc}") from exc
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write ``model.json`` atomically (temp file, fsync, rename)."""
+        text = json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"
+        _write_atomically(Path(path), text.encode("utf-8"))
+
+    def identity(self) -> ModelIdentity:
+        """The identity that travels with every result and every SR."""
+        return ModelIdentity(name=self.name, version=self.version, demo=self.demo)
+
+
+# One check per field, in field order: each returns the normalised value or raises naming it.
+_FIELD_CHECKS = {
+    "name": _text,
+    "version": _text,
+    "classes": _classes,
+    "input_size": _input_size,
+    "window_center": _number,
+    "window_width": _width,
+    "preprocessing_version": _preprocessing,
+    "backbone": _text,
+    "dataset_manifest_hash": _sha256_hex,
+    "metrics": _json_dict,
+    "framework": _framework,
+    "created_at": _created_at,
+    "demo": _flag,
+    "description": _string,
+    "weights": _json_dict,
+}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide the bundle from the node's user
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _auto_runtime(gpu: bool) -> str:
+    """What ``auto`` serves with: Keras on a GPU, else ONNX Runtime when it can be used."""
+    if gpu:
+        return "keras"
+    needed = ("onnxruntime", "tf2onnx", "onnx")
+    return "onnx" if all(importlib.util.find_spec(name) for name in needed) else "keras"
+
+
+class ModelBundle:
+    """A loaded model bundle: its :class:`ModelInfo` and batched inference."""
+
+    def __init__(self, info: ModelInfo, runner: _KerasRunner | _OnnxRunner, folder: Path) -> None:
+        if not isinstance(info, ModelInfo):
+            raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
+        self.info = info
+        self.folder = Path(folder)
+        self._runner = runner
+
+    @property
+    def runtime(self) -> str:
+        """``keras`` or ``onnx`` (what ``auto`` chose, for a bundle loaded with it)."""
+        return self._runner.runtime
+
+    @property
+    def model(self):
+        """The Keras model served (the ``keras`` runtime only)."""
+        if not isinstance(self._runner, _KerasRunner):
+            raise AttributeError("an onnx-runtime bundle has no Keras model")
+        return self._runner.model
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, runtime: str = "keras", mixed_precision: bool = False
+    ) -> ModelBundle:
+        """Validate ``model.json``, then load ``model.keras`` (or its cached ONNX export).
+
+        Parameters
+        ----------
+        path
+            The bundle folder.
+        runtime
+            ``keras`` (TensorFlow), ``onnx`` (ONNX Runtime; ``model.onnx`` is exported from
+            ``model.keras`` on first use and cached beside it) or ``auto``: Keras where a GPU
+            is visible, ONNX Runtime on a CPU-only host where onnxruntime and tf2onnx are
+            installed (1.5-2x TensorFlow's speed on this kind of CPU, see bench.inference),
+            Keras otherwise or when the export fails (logged).
+        mixed_precision
+            Compute in float16 where a GPU is visible; on a CPU this is logged and ignored.
+        """
+        if runtime not in RUNTIMES:
+            raise BundleError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        folder = Path(path)
+        if not folder.is_dir():
+            raise BundleError(f"{folder}: no such model bundle folder")
+        info = ModelInfo.from_json(folder / INFO_FILE)
+        model_file = folder / MODEL_FILE
+        if not model_file.is_file():
+            raise BundleError(f"{model_file}: missing (the bundle has no model)")
+        gpu = _gpu_visible() if mixed_precision or runtime == "auto" else False
+        if mixed_precision and not gpu:
+            log.warning("mixed_precision asked for but no GPU is visible: running in float32")
+            mixed_precision = False
+        chosen = _auto_runtime(gpu) if runtime == "auto" else runtime
+        if chosen == "onnx":
+            if mixed_precision:
+                log.warning("mixed_precision applies to the keras runtime only: ignored")
+            try:
+                return cls(info, _OnnxRunner(_onnx_model(model_file, info)), folder)
+            except Exception as exc:  # auto falls back; an explicit onnx says why it cannot
+                if runtime != "auto":
+                    raise
+                log.warning("ONNX Runtime cannot serve this bundle, using Keras: %s", exc)
+        return cls(info, _KerasRunner(_load_keras(model_file, info), mixed_precision), folder)
+
+    def predict(self, slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Class probabilities of windowed slices.
+
+        Parameters
+        ----------
+        slices
+            uint8 ``(N, H, W)`` or ``(N, H, W, 1)`` windowed slices at any size.
+        batch_size
+            Slices per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(N, classes)``, rows in ``info.classes`` order.
+        """
+        batch = _check_slices(slices)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        outputs = [
+            self._runner(batch[start : start + batch_size])
+            for start in range(0, len(batch), batch_size)
+        ]
+        if not outputs:
+            return np.zeros((0, len(self.info.classes)), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def _check_slices(slices: object) -> np.ndarray:
+    """``(N, H, W, 1)`` uint8 from ``(N, H, W)`` or ``(N, H, W, 1)`` uint8; errors name it."""
+    if not isinstance(slices, np.ndarray) or slices.dtype != np.uint8:
+        kind = getattr(slices, "dtype", type(slices).__name__)
+        raise ValueError(f"slices must be a uint8 numpy array of windowed pixels, got {kind}")
+    if slices.ndim == 3:
+        slices = slices[..., np.newaxis]
+    if slices.ndim != 4 or slices.shape[-1] != 1 or 0 in slices.shape[1:3]:
+        raise ValueError(f"slices must have shape (N, H, W) or (N, H, W, 1), got {slices.shape}")
+    return np.ascontiguousarray(slices)
+
+
+class _KerasRunner:
+    """A ``tf.function`` with a shape-polymorphic signature: no retracing, no eager memory."""
+
+    runtime = "keras"
+
+    def __init__(self, model, mixed_precision: bool = False) -> None:
+        import tensorflow as tf
+
+        self.model = _mixed_precision_copy(model) if mixed_precision else model
+        spec = tf.TensorSpec((None, None, None, 1), tf.uint8, name="slices")
+        self._serve = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._serve(batch).numpy()
+
+
+class _OnnxRunner:
+    """An ONNX Runtime session over the exported model."""
+
+    runtime = "onnx"
+
+    def __init__(self, model_bytes: bytes) -> None:
+        import onnxruntime as ort
+
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(model_bytes, providers=providers)
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0]
+
+
+def _load_keras(model_file: Path, info: ModelInfo):
+    """``model.keras`` loaded without its training state and checked against ``info``."""
+    import keras
+
+    try:
+        model = keras.saving.load_model(model_file, compile=False)
+    except Exception as exc:  # Keras raises many kinds for a damaged file; translate them all
+        raise BundleError(f"{model_file}: cannot be loaded as a Keras model ({exc})") from exc
+    _check_model(model, info, model_file)
+    return model
+
+
+def _check_model(model, info: ModelInfo, where: Path | str) -> None:
+    """Refuse a model whose input, output or resizing disagrees with ``model.json``."""
+    import keras
+
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or model.inputs[0].shape[-1] != 1:
+        shapes = [tuple(t.shape) for t in model.inputs]
+        raise BundleError(f"{where}: model input must be (batch, H, W, 1), got {shapes}")
+    outputs = model.outputs[0].shape
+    if len(model.outputs) != 1 or outputs[-1] != len(info.classes):
+        raise BundleError(
+            f"{where}: model gives {outputs[-1]} outputs but model.json lists "
+            f"{len(info.classes)} classes"
+        )
+    sizes = {
+        (layer.height, layer.width)
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Resizing)
+    }
+    if sizes and sizes != {(info.input_size, info.input_size)}:
+        raise BundleError(
+            f"{where}: model resizes to {sorted(sizes)} but input_size is {info.input_size}"
+        )
+
+
+def _mixed_precision_copy(model):
+    """The same model computing in float16 (outputs stay float32), with the same weights."""
+    return _policy_copy(model, "mixed_float16")
+
+
+def _policy_copy(model, policy: str):
+    """The same model, weights and all, with every layer but the outputs on ``policy``."""
+    outputs = set(model.output_names) if policy != "float32" else set()
+
+    def convert(node: Any, layer: str | None = None) -> Any:
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and layer not in outputs:
+                return {**node, "config": {**node["config"], "name": policy}}
+            layer = node.get("name", layer) if "class_name" in node else layer
+            return {key: convert(value, layer) for key, value in node.items()}
+        if isinstance(node, list):
+            return [convert(value, layer) for value in node]
+        return node
+
+    copy = model.__class__.from_config(convert(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
+
+
+def _onnx_model(model_file: Path, info: ModelInfo) -> bytes:
+    """The cached ``model.onnx`` when it was exported from this ``model.keras``, else a new one."""
+    import onnx
+
+    source = _sha256(model_file)
+    cached = model_file.with_name(ONNX_FILE)
+    if cached.is_file():
+        try:
+            proto = onnx.load_model(cached)
+            if {p.key: p.value for p in proto.metadata_props}.get(_ONNX_SOURCE_KEY) == source:
+                return proto.SerializeToString()
+        except Exception as exc:  # a damaged cache is rebuilt, never served
+            log.warning("%s: unreadable (%s), exporting again", cached, exc)
+    log.info("%s: exporting to ONNX for ONNX Runtime (once, cached as %s)", model_file, ONNX_FILE)
+    proto = _export_onnx(_load_keras(model_file, info), model_file)
+    proto.metadata_props.add(key=_ONNX_SOURCE_KEY, value=source)
+    data = proto.SerializeToString()
+    try:
+        _write_atomically(cached, data)
+    except OSError as exc:  # a read-only bundle still serves, from memory
+        log.warning("%s: cannot cache the ONNX export (%s); using it from memory", cached, exc)
+    return data
+
+
+def _export_onnx(model, model_file: Path):
+    """Convert the Keras model to ONNX with tf2onnx (uint8 input of any size)."""
+    try:
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError as exc:
+        raise BundleError(
+            f"{model_file}: the onnx runtime needs tf2onnx to export ({exc})"
+        ) from exc
+    spec = (tf.TensorSpec((None, None, None, 1), tf.uint8, name="slices"),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    except Exception as exc:  # tf2onnx fails in many ways on an op it does not know
+        raise BundleError(f"{model_file}: cannot be exported to ONNX ({exc})") from exc
+    return proto
+
+
+def write_bundle(
+    model, info: ModelInfo, folder: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``model.keras`` and ``model.json`` into ``folder`` atomically and read them back.
+
+    The bundle is built in a temporary folder beside ``folder``, loaded back and checked, then
+    renamed into place, so a reader sees the old bundle or the new one, never half of one. The
+    model is saved in float32 without its optimizer state.
+    """
+    if not isinstance(info, ModelInfo):
+        raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise BundleError(f"{folder}: already exists (pass overwrite=True to replace it)")
+    _check_model(model, info, "model")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        temp.chmod(0o755)
+        # No optimizer, no compile state, and float32 whatever the model was trained in (a
+        # mixed-precision run on GPUs): the node chooses its own precision when it loads.
+        _policy_copy(model, "float32").save(temp / MODEL_FILE)
+        info.to_json(temp / INFO_FILE)
+        ModelBundle.load(temp)  # proves the written files are a valid bundle
+        _keep_other_files(folder, temp)
+        old = folder.with_name(f".{folder.name}.old") if folder.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(temp, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Carry files kept beside a model (notes, ignore rules) over; never a stale export."""
+    if not old.is_dir():
+        return
+    for path in old.iterdir():
+        if path.is_file() and path.name not in (MODEL_FILE, INFO_FILE, ONNX_FILE):
+            shutil.copy2(path, new / path.name)

@@ -1,0 +1,371 @@
+"""Database: typed SQLAlchemy models for studies, series and instances, and the engine factory."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now in UTC (every stored time is UTC)."""
+    return datetime.now(UTC)
+
+
+class StudyStatus(enum.StrEnum):
+    """The study lifecycle (ARCHITECTURE.md); only ``node.records.lifecycle`` moves it."""
+
+    RECEIVING = "receiving"
+    STABLE = "stable"
+    QUEUED = "queued"
+    ANALYZING = "analyzing"
+    ANALYZED = "analyzed"
+    REPORTED = "reported"
+    FAILED = "failed"
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; use node.db.utcnow()")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class Study(Base):
+    """One DICOM study as received, with its lifecycle status."""
+
+    __tablename__ = "study"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('receiving','stable','queued','analyzing','analyzed','reported','failed')",
+            name="ck_study_status",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(16), default=StudyStatus.RECEIVING, index=True)
+    status_reason: Mapped[str | None] = mapped_column(String(1024))
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    series_count: Mapped[int] = mapped_column(Integer, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    """One series of a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One stored SOP instance; its file is in the instance store under ``store_key``."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    store_key: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class AnalysisStatus(enum.StrEnum):
+    """One analysis attempt: running, done, failed, or abandoned by a worker that died."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+class Analysis(Base):
+    """One run of the model over a study: who, when, how long each stage took, the answer."""
+
+    __tablename__ = "analysis"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), default=AnalysisStatus.RUNNING, index=True)
+    error: Mapped[str | None] = mapped_column(String(2048))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)
+    rule: Mapped[str | None] = mapped_column(String(32))
+    predicted_class: Mapped[str | None] = mapped_column(String(32))
+    probabilities: Mapped[dict | None] = mapped_column(JSON)
+    slices_evaluated: Mapped[int] = mapped_column(Integer, default=0)
+    instances_skipped: Mapped[dict] = mapped_column(JSON, default=dict)
+
+    slices: Mapped[list[SlicePrediction]] = relationship(
+        back_populates="analysis", order_by="SlicePrediction.position"
+    )
+
+
+class SlicePrediction(Base):
+    """The model's probabilities for one evaluated slice (one frame of one instance)."""
+
+    __tablename__ = "slice_prediction"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[int | None] = mapped_column(Integer)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+
+    analysis: Mapped[Analysis] = relationship(back_populates="slices")
+
+
+class ReportStatus(enum.StrEnum):
+    """Delivery of one SR to the PACS."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Report(Base):
+    """One DICOM SR for an analysis and its delivery state (kept here, not only in the broker)."""
+
+    __tablename__ = "report"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis.id", ondelete="CASCADE"), index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default=ReportStatus.PENDING, index=True)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a re-send asked for
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Label(Base):
+    """A keyword a radiologist put on a study or on one of its series (the training labels).
+
+    A series-level label overrides the study's labels for that series. Keywords map to
+    classes through ``Settings.keyword_classes``; unmapped keywords are kept as plain tags.
+    """
+
+    __tablename__ = "label"
+    __table_args__ = (UniqueConstraint("study_id", "series_id", "keyword", name="uq_label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    keyword: Mapped[str] = mapped_column(String(64), index=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ModelActivation(Base):
+    """Which model bundle the workers serve: the newest row wins; older rows are the history."""
+
+    __tablename__ = "model_activation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    activated_by: Mapped[str] = mapped_column(String(128))
+    activated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class UserRole(enum.StrEnum):
+    """What a web UI user may do: radiologists review and label, admins also manage."""
+
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who signs in to the web UI (password stored only as a salted hash)."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    full_name: Mapped[str] = mapped_column(String(128), default="")
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), default=UserRole.RADIOLOGIST)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Who did what, when: every label, verdict, export and re-send (visible to admins)."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("study.id", ondelete="SET NULL"), index=True
+    )
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Verdict(Base):
+    """A radiologist's agreement with, or correction of, an analysis result."""
+
+    __tablename__ = "verdict"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    analysis_id: Mapped[int | None] = mapped_column(
+        ForeignKey("analysis.id", ondelete="SET NULL"), index=True
+    )
+    username: Mapped[str] = mapped_column(String(64))
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    corrected_class: Mapped[str | None] = mapped_column(String(32))
+    comment: Mapped[str] = mapped_column(String(1024), default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class KeywordClass(Base):
+    """An admin's keyword → training class mapping (overrides Settings.keyword_classes when
+    any row exists); ``class_name`` None excludes the study from exports."""
+
+    __tablename__ = "keyword_class"
+
+    keyword: Mapped[str] = mapped_column(String(64), primary_key=True)
+    class_name: Mapped[str | None] = mapped_column(String(32))
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExportStatus(enum.StrEnum):
+    """An export job run from the web UI."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportJob(Base):
+    """One export of labelled studies, run in the background, with progress and counts."""
+
+    __tablename__ = "export_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=ExportStatus.QUEUED, index=True)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    folder: Mapped[str | None] = mapped_column(String(1024))
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and full durability."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers (CLI, web UI) run beside the SCP; FULL makes each commit durable,
+    # because a C-STORE success is only sent after the commit.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_session_factory(engine: Engine) -> sessionmaker:
+    """A session factory whose objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,143 @@
+"""The study lifecycle: the one place that moves ``Study.status``."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from node.records.db import Study, StudyStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+S = StudyStatus
+ALLOWED: dict[StudyStatus, frozenset[StudyStatus]] = {
+    S.RECEIVING: frozenset({S.STABLE, S.FAILED}),
+    S.STABLE: frozenset({S.RECEIVING, S.QUEUED, S.FAILED}),
+    S.QUEUED: frozenset({S.ANALYZING, S.STABLE, S.FAILED}),
+    S.ANALYZING: frozenset({S.ANALYZED, S.QUEUED, S.FAILED}),
+    S.ANALYZED: frozenset({S.REPORTED, S.QUEUED, S.FAILED}),
+    S.REPORTED: frozenset({S.QUEUED}),
+    S.FAILED: frozenset({S.QUEUED, S.STABLE}),
+}
+
+
+class TransitionError(ValueError):
+    """A status change the lifecycle does not allow."""
+
+
+def move(
+    study: Study,
+    to: StudyStatus,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Move ``study`` to ``to`` (caller commits); refuses transitions the lifecycle forbids."""
+    current = StudyStatus(study.status)
+    if to not in ALLOWED[current]:
+        raise TransitionError(f"study {study.study_instance_uid}: {current} -> {to} not allowed")
+    study.status = to
+    study.status_reason = reason
+    study.status_changed_at = now or utcnow()
+    if to is S.FAILED:
+        study.retries += 1
+    log.info(
+        "study %s: %s -> %s%s",
+        study.study_instance_uid,
+        current,
+        to,
+        f" ({reason})" if reason else "",
+    )
+
+
+def mark_stable(session: Session, stable_seconds: float, now: datetime | None = None) -> list[str]:
+    """Mark ``receiving`` studies with no instance for ``stable_seconds`` as ``stable``.
+
+    Works from committed ``last_received_at`` times, so it gives the same answer
+    after a restart; each update re-checks its condition so an instance that
+    arrives meanwhile keeps its study ``receiving``. Commits; returns the UIDs.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stable_seconds)
+    candidates = session.scalars(
+        select(Study).where(Study.status == S.RECEIVING, Study.last_received_at <= cutoff)
+    ).all()
+    marked = []
+    for study in candidates:
+        result = session.execute(
+            update(Study)
+            .where(
+                Study.id == study.id,
+                Study.status == S.RECEIVING,
+                Study.last_received_at <= cutoff,
+            )
+            .values(status=S.STABLE, status_changed_at=now, status_reason=None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            marked.append(study.study_instance_uid)
+            log.info(
+                "study %s: receiving -> stable (%d instances, none for %.0f s)",
+                study.study_instance_uid,
+                study.instance_count,
+                stable_seconds,
+            )
+    session.commit()
+    return marked
+
+
+def move_where(
+    session: Session,
+    study_id: int,
+    allowed_from: set[StudyStatus],
+    to: StudyStatus,
+    reason: str | None = None,
+    now: datetime | None = None,
+    older_than: datetime | None = None,
+) -> bool:
+    """Move one study to ``to`` only if it is in ``allowed_from`` (atomic; caller commits).
+
+    The condition is checked by the database, so two workers (or a worker and the
+    sweeper) can race for a study and exactly one wins. ``older_than`` further
+    requires the current status to date from before that time.
+    """
+    for current in allowed_from:
+        if to not in ALLOWED[current]:
+            raise TransitionError(f"study {study_id}: {current} -> {to} not allowed")
+    now = now or utcnow()
+    condition = [Study.id == study_id, Study.status.in_([str(s) for s in allowed_from])]
+    if older_than is not None:
+        condition.append(Study.status_changed_at <= older_than)
+    values = {"status": to, "status_reason": reason, "status_changed_at": now}
+    if to is S.FAILED:
+        values["retries"] = Study.retries + 1
+    result = session.execute(
+        update(Study)
+        .where(*condition)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:
+        log.info("study %d -> %s%s", study_id, to, f" ({reason})" if reason else "")
+        return True
+    return False
+
+
+def touch(session: Session, study_id: int, now: datetime | None = None) -> None:
+    """Restart the clock of a study's current status without moving it (work handed out
+    again after a lost message); caller commits."""
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id)
+        .values(status_changed_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def status_on_arrival():
+    """The SQL value of ``Study.status`` when one more instance arrives: a study already
+    judged complete (``stable``) is ``receiving`` again; any other keeps its status. The
+    ingest's own statement uses it, so receiving costs no extra query."""
+    return case((Study.status == S.STABLE, S.RECEIVING), else_=Study.status)

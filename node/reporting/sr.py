@@ -1,0 +1,383 @@
+"""The study result as a DICOM Comprehensive 3D SR (TID 1500), and its delivery to the PACS.
+
+The SR files into the source study, names the node as device observer and the model
+(TID 4019) as algorithm, carries the finding as a SNOMED CT code with its probability,
+and references every evaluated image. It is read back with highdicom before it is
+returned, so a report that a PACS or viewer could not parse never leaves the node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+
+import highdicom as hd
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread, dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node import __version__
+from node.analysis.result import CLASSES, StudyResult
+from node.dicom.network import associate, make_ae, peer_label
+from node.ingest.store import check_uid
+from node.settings import Peer, Settings
+
+log = logging.getLogger(__name__)
+
+# Our classes in SNOMED CT: the one table the whole node codes findings from.
+FINDING_CODES: dict[str, hd.sr.CodedConcept] = {
+    # 840539006 "Disease caused by severe acute respiratory syndrome coronavirus 2
+    # (disorder)". Its FSN is 66 characters and Code Meaning (LO) allows 64, so the
+    # meaning is its SNOMED synonym "COVID-19", the word radiologists use.
+    "Covid_19": hd.sr.CodedConcept("840539006", "SCT", "COVID-19"),
+    # 281900007 "No abnormality detected (finding)": a clinical finding, so it is a
+    # valid value of "Finding". 17621005 "Normal" is a qualifier value (CID 222 uses it
+    # to qualify a measurement's normality), not a finding, and DCM 111286 "No
+    # abnormality" belongs to the mammography CAD context groups.
+    "Normal": hd.sr.CodedConcept("281900007", "SCT", "No abnormality detected"),
+    # 233604007 "Pneumonia (disorder)".
+    "Pneumonia": hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"),
+}
+# DCM 122157 "Probability": the model's probability of the finding, 0..1, UCUM "1".
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+# 169069000 "Computed tomography of chest (procedure)" (CID 100 is extensible).
+CT_CHEST = hd.sr.CodedConcept("169069000", "SCT", "Computed tomography of chest")
+LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung structure")
+# DCM 109102 "Processing Equipment": equipment that processed instances to create new
+# ones, which is what the model did. 109103 is "Modifying Equipment" (changes an
+# instance without creating a new one), and highdicom only accepts CID 7005 purposes.
+ALGORITHM_PURPOSE = codes.DCM.ProcessingEquipment
+DEMO_WARNING = "DEMO model trained on synthetic phantoms - not for clinical use"
+TRACKING_LABEL = "AI study classification"
+_COPIED_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
+_REFERENCE_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_STORE_WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)
+_OUT_OF_RESOURCES = 0xA700
+
+
+class ReportError(ValueError):
+    """The SR cannot be built from these inputs, or highdicom cannot read it back."""
+
+
+class SendError(RuntimeError):
+    """Delivery to the PACS failed; ``transient`` says whether a later retry may succeed."""
+
+    def __init__(self, transient: bool, message: str) -> None:
+        """Keep whether the failure is transient next to the message."""
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class DeviceObserver:
+    """The node as the SR's device observer (TID 1004) and as the SR's equipment."""
+
+    uid: str
+    name: str = "ainode"
+    manufacturer: str = "ainode"
+    model_name: str = "ainode"
+    serial_number: str | None = None
+
+    def __post_init__(self) -> None:
+        check_uid(self.uid, "observer uid")
+        for field in ("name", "manufacturer", "model_name", "serial_number"):
+            value = getattr(self, field)
+            if value is None and field == "serial_number":
+                continue
+            if not value or len(value) > 64 or "\\" in value:
+                raise ValueError(f"observer {field} must be 1-64 characters without '\\'")
+
+
+def build_sr(
+    evaluated: Sequence[Dataset],
+    result: StudyResult,
+    observer: DeviceObserver,
+    *,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> Dataset:
+    """Build the SR for ``result`` on the ``evaluated`` images and prove highdicom reads it.
+
+    Parameters
+    ----------
+    evaluated
+        Headers of the analysed images (pixel data not needed), all of one study: the SR
+        references them and copies the patient and study attributes from the first.
+    result
+        The study-level answer and the model that gave it.
+    observer
+        The node, recorded as device observer and as the SR's equipment.
+    sop_instance_uid, series_instance_uid
+        New UIDs are made when None: a re-issued report needs a new SOP Instance UID,
+        since a PACS may silently keep the first instance it got under one UID.
+
+    Raises
+    ------
+    ReportError
+        When the inputs cannot make a valid SR or the SR does not read back.
+    """
+    evidence = _checked_evidence(evaluated, result)
+    try:
+        sop_instance_uid = check_uid(sop_instance_uid or hd.UID(), "sop_instance_uid")
+        series_instance_uid = check_uid(series_instance_uid or hd.UID(), "series_instance_uid")
+    except ValueError as exc:
+        raise ReportError(str(exc)) from exc
+    finding = FINDING_CODES.get(result.predicted_class)
+    if finding is None:
+        raise ReportError(
+            f"predicted_class {result.predicted_class!r} has no code in FINDING_CODES "
+            f"(known: {', '.join(CLASSES)})"
+        )
+    try:
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=_measurement_report(evidence, result, finding, observer),
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=observer.manufacturer,
+            manufacturer_model_name=observer.model_name,
+            software_versions=__version__,
+            device_serial_number=observer.serial_number,
+            series_description=DEMO_WARNING if result.model.demo else "ainode AI result",
+            is_complete=True,
+            performed_procedure_codes=[CT_CHEST],
+            contributing_equipment=[_algorithm_equipment(result, observer)],
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ReportError(f"highdicom refused the SR: {exc}") from exc
+    _check_round_trip(sr, finding, result)
+    return sr
+
+
+def _checked_evidence(evaluated: Sequence[Dataset], result: StudyResult) -> list[Dataset]:
+    """The evaluated headers, checked to be one study, with the first made complete."""
+    if not evaluated:
+        raise ReportError("evaluated is empty: an SR must reference the images it reports on")
+    for index, ds in enumerate(evaluated):
+        missing = [k for k in _REFERENCE_KEYWORDS if not ds.get(k)]
+        if missing:
+            raise ReportError(f"evaluated[{index}] has no {', '.join(missing)}")
+    study_uid = str(evaluated[0].StudyInstanceUID)
+    others = [i for i, ds in enumerate(evaluated) if ds.StudyInstanceUID != study_uid]
+    if others:
+        raise ReportError(
+            f"evaluated images come from more than one study: evaluated[{others[0]}] is from "
+            f"{evaluated[others[0]].StudyInstanceUID}, evaluated[0] from {study_uid} "
+            f"({len(others)} of {len(evaluated)} differ); an SR reports on one study"
+        )
+    known = {str(ds.SOPInstanceUID) for ds in evaluated}
+    unknown = [s.sop_instance_uid for s in result.slices if s.sop_instance_uid not in known]
+    if unknown:
+        raise ReportError(f"result slices {unknown[:3]} are not among the evaluated images")
+    first = Dataset()
+    for element in evaluated[0]:
+        if element.tag < 0x7FE00010:  # everything but the pixel data
+            first.add(element)
+    for keyword in _COPIED_TYPE2:  # Type 2 in the source: present, maybe empty
+        if keyword not in first:
+            setattr(first, keyword, "")
+    return [first, *evaluated[1:]]
+
+
+def _measurement_report(
+    evidence: Sequence[Dataset],
+    result: StudyResult,
+    finding: hd.sr.CodedConcept,
+    observer: DeviceObserver,
+) -> hd.sr.MeasurementReport:
+    """TID 1500 with the node as observer and one TID 1501 group for the study."""
+    label = f"{TRACKING_LABEL} - {DEMO_WARNING}" if result.model.demo else TRACKING_LABEL
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
+        finding_type=finding,
+        finding_sites=[hd.sr.FindingSite(LUNG)],
+        algorithm_id=hd.sr.AlgorithmIdentification(result.model.name, result.model.version),
+        measurements=[hd.sr.Measurement(PROBABILITY, result.probability, NO_UNITS)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+            for ds in evidence
+        ],
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=observer.uid,
+        name=observer.name,
+        manufacturer_name=observer.manufacturer,
+        model_name=observer.model_name,
+        serial_number=observer.serial_number,
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(codes.DCM.Device, device)
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=CT_CHEST, imaging_measurements=[group]
+    )
+
+
+def _algorithm_equipment(result: StudyResult, observer: DeviceObserver) -> hd.ContributingEquipment:
+    """The model as Contributing Equipment, as IHE AI Results asks."""
+    description = f"AI classification by {result.model.label}"
+    return hd.ContributingEquipment(
+        manufacturer=observer.manufacturer,
+        purpose_of_reference=ALGORITHM_PURPOSE,
+        manufacturer_model_name=result.model.name,
+        software_versions=result.model.version,
+        contribution_datetime=datetime.datetime.now(),
+        contribution_description=description[:1024],
+    )
+
+
+def _check_round_trip(sr: Dataset, finding: hd.sr.CodedConcept, result: StudyResult) -> None:
+    """Encode, decode and parse the SR with highdicom; it must say what we meant."""
+    buffer = BytesIO()
+    try:
+        dcmwrite(buffer, sr, enforce_file_format=True)
+        summary = read_sr_summary(dcmread(BytesIO(buffer.getvalue())))
+    except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
+        raise ReportError(f"the built SR does not read back: {exc}") from exc
+    if summary["finding_code"] != (finding.scheme_designator, finding.value):
+        raise ReportError(f"the SR reads back as {summary['finding_code']}, not {finding.value}")
+    if summary["demo"] != result.model.demo:
+        raise ReportError("the SR's demo marking does not read back")
+
+
+def read_sr_summary(ds: Dataset) -> dict:
+    """The finding, its probability and the algorithm of an ainode SR, parsed with highdicom.
+
+    Returns a dict with ``finding`` (code meaning), ``finding_code`` ((scheme, value)),
+    ``probability``, ``algorithm_name``, ``algorithm_version``, ``study_instance_uid``,
+    ``sop_instance_uid``, ``observer_uid`` and ``demo``. Raises :class:`ReportError` when
+    the dataset is not such an SR.
+    """
+    if "ContentSequence" not in ds:
+        raise ReportError("the dataset is not an SR document (no ContentSequence)")
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)  # parses the content tree as TID 1500
+    if not isinstance(sr.content, hd.sr.MeasurementReport):
+        raise ReportError("the SR is not a TID 1500 Measurement Report")
+    groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type is not None]
+    if len(groups) != 1:
+        raise ReportError(f"expected one measurement group with a finding, found {len(groups)}")
+    group = groups[0]
+    probabilities = group.get_measurements(name=PROBABILITY)
+    if len(probabilities) != 1:
+        raise ReportError(f"expected one Probability measurement, found {len(probabilities)}")
+    observers = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    return {
+        "finding": group.finding_type.meaning,
+        "finding_code": (group.finding_type.scheme_designator, group.finding_type.value),
+        "probability": float(probabilities[0].value),
+        "algorithm_name": _text_value(group, codes.DCM.AlgorithmName),
+        "algorithm_version": _text_value(group, codes.DCM.AlgorithmVersion),
+        "study_instance_uid": str(sr.StudyInstanceUID),
+        "sop_instance_uid": str(sr.SOPInstanceUID),
+        "observer_uid": str(observers[0].observer_identifying_attributes.uid)
+        if observers
+        else None,
+        "demo": DEMO_WARNING in (group.tracking_identifier or ""),
+    }
+
+
+def _text_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, name) -> str:
+    """The value of the one TEXT item called ``name`` directly in a measurement group."""
+    items = hd.sr.utils.find_content_items(group[0], name=name, value_type="TEXT")
+    if len(items) != 1:
+        raise ReportError(f"expected one {name.meaning!r} item, found {len(items)}")
+    return str(items[0].TextValue)
+
+
+def send_sr_dimse(ds: Dataset, settings: Settings, peer: Peer) -> None:
+    """C-STORE the SR to ``peer`` as ``settings.ae_title``; raise :class:`SendError` on failure."""
+    where = peer_label(peer)
+    ae = make_ae(settings)
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = associate(ae, settings, peer)
+    if not assoc.is_established:
+        raise _association_failure(assoc, where)
+    try:
+        status = assoc.send_c_store(ds)
+    except ValueError as exc:  # no accepted presentation context for the SR's SOP class
+        raise SendError(False, f"C-STORE to {where}: {exc}") from exc
+    finally:
+        assoc.release()
+    _check_store_status(status, where)
+
+
+def _association_failure(assoc, where: str) -> SendError:
+    """A rejection the PACS calls permanent is permanent; any other failure is transient."""
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        permanent = primitive is not None and primitive.result == 0x01
+        reason = f" (result {primitive.result}, reason {primitive.diagnostic})" if primitive else ""
+        kind = "permanently" if permanent else "transiently"
+        return SendError(not permanent, f"association to {where} {kind} rejected{reason}")
+    return SendError(True, f"association to {where} failed: aborted or unreachable")
+
+
+def _check_store_status(status: Dataset, where: str) -> None:
+    """Raise unless the C-STORE status is success (or a warning: the SR was stored)."""
+    if "Status" not in status:
+        raise SendError(True, f"C-STORE to {where}: no response (aborted or timed out)")
+    code = int(status.Status)
+    if code == 0x0000:
+        return
+    comment = f": {status.ErrorComment}" if status.get("ErrorComment") else ""
+    if code in _STORE_WARNINGS:
+        log.warning("C-STORE to %s stored with warning 0x%04X%s", where, code, comment)
+        return
+    transient = code & 0xFF00 == _OUT_OF_RESOURCES
+    raise SendError(transient, f"C-STORE to {where} failed with status 0x{code:04X}{comment}")
+
+
+def send_sr_stow(ds: Dataset, peer: Peer, *, timeout: float = 60.0) -> None:
+    """STOW-RS the SR to ``peer.dicomweb_url``; raise :class:`SendError` on failure.
+
+    HTTP 5xx, 408, 429 and connection errors are transient, other 4xx permanent.
+    dicomweb-client's own retries are off: retries belong to the task layer.
+    """
+    if not peer.dicomweb_url:
+        raise SendError(False, f"peer {peer.name} has no dicomweb_url")
+    root = peer.dicomweb_url.rstrip("/")
+    with requests.Session() as session:
+        try:
+            client = DICOMwebClient(root, session=session, timeout=timeout)
+            client.set_http_retry_params(retry=False)
+            answer = client.store_instances([ds])
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else None
+            text = exc.response.text[:200] if exc.response is not None else ""
+            transient = code is None or code >= 500 or code in (408, 429)
+            raise SendError(transient, f"STOW-RS to {root} -> HTTP {code}: {text}") from exc
+        except requests.RequestException as exc:
+            raise SendError(True, f"STOW-RS to {root} failed: {exc}") from exc
+        except ValueError as exc:  # a malformed URL or an unreadable answer
+            raise SendError(False, f"STOW-RS to {root} failed: {exc}") from exc
+    _check_stow_answer(answer, str(ds.SOPInstanceUID), root)
+
+
+def _check_stow_answer(answer: Dataset, sop_instance_uid: str, root: str) -> None:
+    """Raise when the STOW-RS answer lists the SR as failed."""
+    for item in answer.get("FailedSOPSequence", []):
+        if item.get("ReferencedSOPInstanceUID") == sop_instance_uid:
+            code = int(item.get("FailureReason", 0x0110))
+            transient = code & 0xFF00 == _OUT_OF_RESOURCES
+            raise SendError(transient, f"STOW-RS to {root}: SR refused, reason 0x{code:04X}")

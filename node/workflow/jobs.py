@@ -1,0 +1,159 @@
+"""Analysis jobs against the database: claim a study, run the model, record the result.
+
+The plain functions the workers' Celery task calls; every state change is a committed
+row, so a lost message or a dead worker leaves work the sweeper hands out again, and a
+repeated message finds nothing left to do. The result's report is opened here and
+delivered by :mod:`node.reporting.delivery`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+
+from node.analysis.analyze import AnalysisError, AnalysisOptions, analyze_instances
+from node.analysis.result import ModelIdentity
+from node.records import lifecycle
+from node.records.db import (
+    Analysis,
+    AnalysisStatus,
+    Instance,
+    Series,
+    SlicePrediction,
+    StudyStatus,
+    utcnow,
+)
+from node.reporting.delivery import open_report
+
+if TYPE_CHECKING:
+    from node.analysis.bundle import ModelBundle
+    from node.runtime import Node
+
+log = logging.getLogger(__name__)
+S = StudyStatus
+
+
+def claim_study(node: Node, study_id: int, model: ModelIdentity, worker: str) -> int | None:
+    """Move a queued study to ``analyzing`` and open an Analysis row for it.
+
+    Returns the analysis id, or None when the study is not waiting (already taken,
+    done, or unknown): a repeated message then does nothing.
+    """
+    now = utcnow()
+    with node.session_factory() as session, session.begin():
+        if not lifecycle.move_where(session, study_id, {S.QUEUED}, S.ANALYZING, now=now):
+            return None
+        analysis = Analysis(
+            study_id=study_id,
+            model_name=model.name,
+            model_version=model.version,
+            model_demo=model.demo,
+            status=AnalysisStatus.RUNNING,
+            worker=worker,
+            started_at=now,
+            timings={},
+            instances_skipped={},
+        )
+        session.add(analysis)
+        session.flush()
+        return analysis.id
+
+
+def instance_paths(node: Node, study_id: int) -> list[Path]:
+    """The stored files of a study."""
+    with node.session_factory() as session:
+        keys = session.scalars(
+            select(Instance.store_key)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.study_id == study_id)
+            .order_by(Instance.id)
+        ).all()
+    return [node.store.path(key) for key in keys]
+
+
+def run_analysis(
+    node: Node, bundle: ModelBundle, study_id: int, worker: str = "worker"
+) -> int | None:
+    """Analyse one study end to end; returns the new report id (or None).
+
+    A study that cannot be analysed (no CT, no lungs) fails with its reason; any
+    other error propagates, after the study is handed back to the queue, so the
+    task layer can retry it.
+    """
+    analysis_id = claim_study(node, study_id, bundle.info.identity(), worker)
+    if analysis_id is None:
+        log.info("study %d is not waiting for analysis; nothing to do", study_id)
+        return None
+    try:
+        outcome = analyze_instances(
+            instance_paths(node, study_id), bundle, AnalysisOptions.from_settings(node.settings)
+        )
+    except AnalysisError as exc:
+        _finish_failed(node, study_id, analysis_id, str(exc))
+        return None
+    except Exception as exc:
+        _abandon(node, study_id, analysis_id, f"{type(exc).__name__}: {exc}")
+        raise
+    return _record(node, study_id, analysis_id, outcome)
+
+
+def _finish_failed(node: Node, study_id: int, analysis_id: int, reason: str) -> None:
+    with node.session_factory() as session, session.begin():
+        session.execute(
+            update(Analysis)
+            .where(Analysis.id == analysis_id)
+            .values(status=AnalysisStatus.FAILED, error=reason[:2048], finished_at=utcnow())
+        )
+        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.FAILED, reason=reason[:1024])
+    log.warning("study %d cannot be analysed: %s", study_id, reason)
+
+
+def _abandon(node: Node, study_id: int, analysis_id: int, reason: str) -> None:
+    with node.session_factory() as session, session.begin():
+        session.execute(
+            update(Analysis)
+            .where(Analysis.id == analysis_id, Analysis.status == AnalysisStatus.RUNNING)
+            .values(status=AnalysisStatus.ABANDONED, error=reason[:2048], finished_at=utcnow())
+        )
+        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.QUEUED, reason=reason[:1024])
+
+
+def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
+    """Store the result, move the study to ``analyzed`` and open its report, in one commit."""
+    result = outcome.result
+    settings = node.settings
+    with node.session_factory() as session, session.begin():
+        done = session.execute(
+            update(Analysis)
+            .where(Analysis.id == analysis_id, Analysis.status == AnalysisStatus.RUNNING)
+            .values(
+                status=AnalysisStatus.DONE,
+                finished_at=utcnow(),
+                timings=outcome.timings,
+                rule=result.rule,
+                predicted_class=result.predicted_class,
+                probabilities=dict(zip(result.classes, result.probabilities, strict=True)),
+                slices_evaluated=len(result.slices),
+                instances_skipped=outcome.skipped,
+            )
+        ).rowcount
+        if done != 1:  # the sweeper gave up on this run meanwhile; another run owns the study
+            log.warning("analysis %d was abandoned meanwhile; result discarded", analysis_id)
+            return None
+        session.add_all(
+            SlicePrediction(
+                analysis_id=analysis_id,
+                position=position,
+                sop_instance_uid=item.sop_instance_uid,
+                frame=item.frame,
+                probabilities=dict(zip(result.classes, item.probabilities, strict=True)),
+            )
+            for position, item in enumerate(result.slices)
+        )
+        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.ANALYZED)
+        if settings.report_destination is None:
+            return None
+        return open_report(session, analysis_id, settings).id

@@ -1,0 +1,58 @@
+"""The Celery application: broker, reliability options, and enqueueing by task name."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
+
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ANALYZE_STUDY = "node.tasks.analyze_study"
+SEND_REPORT = "node.tasks.send_report"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on the settings' broker (Redis in production, SQLite when embedded)."""
+    broker = settings.resolved_broker_url
+    app = Celery("ainode", broker=broker, include=["node.workflow.tasks"])
+    if broker.startswith(("redis://", "rediss://")):
+        transport_options = {
+            # A message a dead worker held comes back after this; the sweeper also
+            # recovers such studies from the database.
+            "visibility_timeout": int(settings.analysis_timeout_seconds),
+            "max_retries": 2,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+        }
+    else:
+        transport_options = {}  # the SQLAlchemy transport hands these to create_engine
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        broker_transport_options=transport_options,
+        task_routes={ANALYZE_STUDY: {"queue": "analysis"}, SEND_REPORT: {"queue": "reports"}},
+        task_default_queue="analysis",
+        worker_hijack_root_logger=False,
+    )
+    app.conf.ainode_settings = settings.model_dump(mode="json")
+    return app
+
+
+def enqueue(app: Celery, task: str, item_id: int) -> bool:
+    """Send one task; False (logged) when the broker is unreachable — the sweeper retries."""
+    try:
+        app.send_task(task, args=[item_id], retry=False)
+    except (BrokerError, OSError) as exc:
+        log.warning("broker unreachable, %s(%d) deferred: %s", task, item_id, exc)
+        return False
+    return True

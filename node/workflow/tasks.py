@@ -1,0 +1,101 @@
+"""Celery tasks: serialization and retries only; the work is in :mod:`node.workflow.jobs`
+(analysis) and :mod:`node.reporting.delivery` (SR).
+
+The task names are the queue's wire contract, kept from the node's first layout so that
+messages queued before an upgrade still find their task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from node.analysis.bundle import ModelBundle
+from node.records.registry import ActiveBundle
+from node.reporting import delivery
+from node.reporting.sr import DeviceObserver
+from node.runtime import Node, build_node
+from node.settings import Settings
+from node.workflow import jobs
+
+log = logging.getLogger(__name__)
+
+_worker: dict = {}  # this worker process's node and active-model cache, built once
+
+
+def worker_node(app) -> Node:
+    """The node of this worker process (built on first use from the app's settings)."""
+    if "node" not in _worker:
+        settings = Settings(**app.conf.ainode_settings)
+        _worker["node"] = build_node(settings)
+        _worker["model"] = ActiveBundle(settings)
+        _worker["name"] = f"{socket.gethostname()}:{os.getpid()}"
+    return _worker["node"]
+
+
+def worker_state(app) -> tuple[Node, ModelBundle]:
+    """The node and the active model bundle, reloaded only when the activation changed."""
+    node = worker_node(app)
+    with node.session_factory() as session:
+        bundle = _worker["model"].current(session)
+    return node, bundle
+
+
+@worker_process_init.connect
+def _forget_parent_state(**_kwargs) -> None:
+    _worker.clear()  # a forked pool process must not share the parent's connections
+
+
+def observer(node: Node) -> DeviceObserver:
+    """The node as the SR's device observer."""
+    from node import __version__
+    from node.dicom.network import IMPLEMENTATION_CLASS_UID
+
+    return DeviceObserver(
+        uid=IMPLEMENTATION_CLASS_UID,
+        name=node.settings.ae_title,
+        manufacturer="ainode",
+        model_name="ainode",
+        serial_number=__version__,
+    )
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.analyze_study",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, OSError),
+    retry_backoff=True,
+    retry_backoff_max=300,
+    max_retries=5,
+)
+def analyze_study(self, study_id: int) -> None:
+    """Analyse a study and hand its report to the report queue."""
+    node, bundle = worker_state(self.app)
+    report_id = jobs.run_analysis(node, bundle, study_id, worker=_worker["name"])
+    if report_id is not None:
+        send_report.apply_async(args=[report_id])
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.send_report",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    max_retries=20,
+)
+def send_report(self, report_id: int) -> None:
+    """Deliver a report's SR; transient failures come back with exponential backoff."""
+    node = worker_node(self.app)
+    try:
+        delivery.deliver_report(node, report_id, observer(node))
+    except delivery.ReportRetry as exc:
+        # the report row counts the attempts and decides when to stop (report_max_retries)
+        raise self.retry(exc=exc, countdown=exc.delay, max_retries=None) from exc
