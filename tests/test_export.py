@@ -18,7 +18,7 @@ from sqlalchemy import select
 from ainode.cli import main
 from node import __version__, phantom
 from node.analysis import imaging
-from node.analysis.analyze import eligible_series, windowed_lung_slices
+from node.analysis.analyze import AnalysisOptions, eligible_series, windowed_lung_slices
 from node.ingest.ingestor import Ingestor
 from node.ingest.store import InstanceStore
 from node.records import schema
@@ -33,7 +33,6 @@ from node.records.labels import (
     remove_label,
 )
 from node.runtime import build_node
-from node.workflow.jobs import analysis_options
 
 ROWS = COLUMNS = 128
 SLICES = 24
@@ -189,7 +188,7 @@ def labelled(node, phantoms):
 def expected_slices(settings, paths: list[Path]) -> tuple[list, np.ndarray, list]:
     """What inference evaluates for a series: (dataset, frame), windowed pixels, headers."""
     datasets, _ = eligible_series(paths)
-    frames, pixels = windowed_lung_slices(datasets, analysis_options(settings))
+    frames, pixels = windowed_lung_slices(datasets, AnalysisOptions.from_settings(settings))
     return frames, pixels, datasets
 
 
