@@ -44,7 +44,15 @@ def _setup_argparser() -> argparse.ArgumentParser:
         default=None,
         help="also run a worker process (default: yes on the embedded broker)",
     )
+    serve.add_argument(
+        "--web",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve the web UI on web_port (default: yes; --no-web when `ainode web` "
+        "runs it as its own process)",
+    )
     sub.add_parser("scp", help="run only the storage SCP and the study lifecycle")
+    sub.add_parser("web", help="run only the web UI (waitress, web_threads threads)")
     sub.add_parser("worker", help="run an analysis/report worker (Celery)")
 
     classify = sub.add_parser("classify", help="classify PNG/JPG slices or DICOM files/folders")
@@ -126,7 +134,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         flush=True,
     )
     worker = _start_worker(args) if with_worker else None
-    web = _start_web(settings, node) if analysis and settings.web_port else None
+    wants_web = analysis and args.web and settings.web_port
+    web = _start_web(settings, node) if wants_web else None
     try:
         dispatch = Dispatcher(node, make_celery(settings)) if analysis else None
         _receive_and_sweep(node, stop, dispatch)
@@ -158,6 +167,28 @@ def _receive_and_sweep(node, stop: threading.Event, dispatch) -> None:
         log.info("storage SCP stopped")
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    """The web UI in its own process: its requests share neither the SCP's GIL nor its
+    memory (``ainode serve --no-web`` runs the rest)."""
+    from node.runtime import build_node, wait_for_schema
+
+    if not settings.web_port:
+        raise ValueError("web_port is 0: the web UI is turned off in the settings")
+    wait_for_schema(settings)  # `ainode serve` / `ainode db upgrade` migrate; the web UI never
+    node = build_node(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    web = _start_web(settings, node)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        web.stop()
+        node.close()
+    return 0
+
+
 def _start_web(settings: Settings, node):
     """The web UI beside the SCP (``web_port = 0`` turns it off)."""
     from webui.server import WebServer
@@ -186,14 +217,14 @@ def _start_worker(args: argparse.Namespace) -> subprocess.Popen:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from node.runtime import wait_for_schema
-    from node.workflow.queue import make_celery
+    from node.workflow.queue import QUEUES, make_celery
 
     wait_for_schema(settings)  # `ainode serve` / `ainode db upgrade` migrate; workers never do
     app = make_celery(settings)
     app.worker_main(
         [
             "worker",
-            "--queues=analysis,reports",
+            f"--queues={','.join(QUEUES)}",
             "--pool=solo",
             "--loglevel=INFO",
             "--without-gossip",
@@ -431,6 +462,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "scp": cmd_serve,
     "worker": cmd_worker,
+    "web": cmd_web,
     "classify": cmd_classify,
     "reanalyze": cmd_reanalyze,
     "db": cmd_db,

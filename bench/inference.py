@@ -28,8 +28,9 @@ from node import phantom  # noqa: E402
 from node.analysis import imaging  # noqa: E402
 from node.analysis.bundle import ModelBundle, ModelInfo, write_bundle  # noqa: E402
 from node.analysis.result import CLASSES  # noqa: E402
+from node.settings import DEMO_MODEL_DIR  # noqa: E402
 
-DEMO = Path(__file__).resolve().parent.parent / "node" / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 
 
 def windowed_slices(count: int) -> np.ndarray:

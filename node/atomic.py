@@ -27,8 +27,9 @@ def fsync_folder(folder: Path) -> None:
 
 
 def _temporary(path: Path) -> Path:
-    """A hidden sibling that keeps the suffix (Keras and Matplotlib choose the format by it)."""
-    return path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    """A hidden sibling whose name ends with the whole target name, so every suffix is kept
+    (Keras and Matplotlib choose the format by it; Keras wants ``….weights.h5`` whole)."""
+    return path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
 
 
 @contextlib.contextmanager

@@ -18,11 +18,12 @@ from node import phantom
 from node.analysis.bundle import ModelInfo
 from node.records.db import Analysis, Report, Study, make_engine
 from node.reporting.sr import read_sr_summary
+from node.settings import DEMO_MODEL_DIR
 from tests.config import write_config
 from tests.conftest import orthanc_peer
 from tests.peers import free_port, start_redis, stop_process, storescp, storescu, wait_for_port
 
-DEMO = Path(__file__).parent.parent / "node" / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 
 
 class NodeProcesses:

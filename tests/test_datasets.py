@@ -14,8 +14,6 @@ from PIL import Image
 
 from node.analysis.result import CLASSES
 from training.datasets import (
-    EXPORT_FORMAT,
-    MANIFEST_COLUMNS,
     DatasetError,
     covidx_keys,
     read_class_folders,
@@ -434,10 +432,3 @@ def test_split_counts_cover_every_split_and_class():
 def test_split_by_patient_refuses_impossible_fractions(val, test):
     with pytest.raises(ValueError, match="must be fractions that leave some train"):
         split_by_patient(synthetic_samples(5), val=val, test=test)
-
-
-def test_the_export_reader_and_the_node_agree_on_the_manifest_columns():
-    from node.records import export
-
-    assert tuple(MANIFEST_COLUMNS) == tuple(export.MANIFEST_COLUMNS)
-    assert EXPORT_FORMAT == export.FORMAT

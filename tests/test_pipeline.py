@@ -15,10 +15,11 @@ from node import phantom
 from node.analysis import imaging
 from node.analysis.bundle import ModelBundle
 from node.records.db import Analysis, Report, Study, utcnow
+from node.settings import DEMO_MODEL_DIR
 from node.workflow import jobs as pipeline
 from node.workflow import sweeper
 
-DEMO = Path(__file__).parent.parent / "node" / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_classify_command_on_png_and_dicom_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"not an image at all", "not a readable PNG or JPEG image"), (None, "no such file")],
+    [(b"not an image at all", "not a valid PNG or JPEG file"), (None, "no such file")],
 )
 def test_classify_explains_bad_input(tmp_path, capsys, content, message):
     from ainode.cli import main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ def add_bundle(settings, name: str, version: str, **fields) -> Path:
     folder = registry.bundle_folder(settings, name, version)
     shutil.copytree(DEMO, folder)
     info = ModelInfo.from_json(folder / "model.json")
-    changed = dataclasses.replace(info, name=name, version=version, demo=False, **fields)
+    changed = info.replace(name=name, version=version, demo=False, **fields)
     changed.to_json(folder / "model.json")
     return folder
 
@@ -142,8 +141,13 @@ def test_bundle_with_unknown_preprocessing_is_listed_with_its_error_and_refused(
     data["preprocessing_version"] = "hu-window-uint8/99"
     (folder / "model.json").write_text(json.dumps(data))
     broken = listed(node)["future:1.0"]
-    assert broken.info is None and "'hu-window-uint8/99' is unknown to this node" in broken.error
-    with pytest.raises(BundleError, match="future:1.0 cannot be activated: .*unknown to this node"):
+    assert (
+        broken.info is None
+        and "node knows (hu-window-uint8/1), got 'hu-window-uint8/99'" in broken.error
+    )
+    with pytest.raises(
+        BundleError, match="future:1.0 cannot be activated: .*must be a version this node knows"
+    ):
         activate(node, "future:1.0")
     assert active_dir(node) == DEMO
 
@@ -203,7 +207,7 @@ def test_worker_reloads_only_when_the_active_model_changes(settings):
         assert (second.info.name, second.info.version) == ("covid-ct", "1.0")
         assert tasks.worker_state(app)[1] is second
         info = ModelInfo.from_json(folder / "model.json")  # the bundle rewritten in place
-        dataclasses.replace(info, description="retrained").to_json(folder / "model.json")
+        info.replace(description="retrained").to_json(folder / "model.json")
         third = tasks.worker_state(app)[1]
         assert third is not second and third.info.description == "retrained"
     finally:

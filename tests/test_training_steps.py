@@ -13,6 +13,7 @@ from PIL import Image
 
 from ainode.cli import main
 from node.analysis.result import CLASSES
+from node.settings import DEMO_MODEL_DIR
 from training import devices
 from training.augment import AugmentOptions, augment_image
 from training.fit import FitError, _start_state
@@ -185,8 +186,6 @@ def test_registry_names_must_be_one_safe_folder(name):
 
 
 def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
-    import dataclasses
-
     import keras
 
     from node.analysis.bundle import ModelBundle, ModelInfo, write_bundle
@@ -198,8 +197,8 @@ def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert mixed.get_layer("efficientnetb0").dtype_policy.name == "mixed_float16"
-    demo = ModelInfo.from_json(Path(__file__).parent.parent / "node/models/demo/model.json")
-    info = dataclasses.replace(demo, name="mixed", input_size=32, backbone="EfficientNetB0")
+    demo = ModelInfo.from_json(DEMO_MODEL_DIR / "model.json")
+    info = demo.replace(name="mixed", input_size=32, backbone="EfficientNetB0")
     bundle = ModelBundle.load(write_bundle(mixed, info, tmp_path / "bundle"))
     policies = {layer.dtype_policy.name for layer in bundle.model.layers}
     assert policies == {"float32"}  # the node, not the training run, picks the precision

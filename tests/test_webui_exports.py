@@ -18,7 +18,10 @@ from node import phantom
 from node.records.db import AuditEvent, ExportJob, ExportStatus, utcnow
 from node.records.export import export_bundle
 from node.records.labels import add_label
-from tests.webui import csrf_token
+from node.runtime import build_node
+from node.workflow.sweeper import due_work
+from tests.peers import free_port
+from tests.webui import add_accounts, csrf_token, running_worker, sign_in
 
 JOB_TIMEOUT_S = 120
 # name: (finding, patient id, keyword)
@@ -70,10 +73,11 @@ def labelled(web_node, phantom_studies):
     return web_node
 
 
-@pytest.fixture(autouse=True)
-def _wait_for_exports(app):
-    yield
-    app.extensions["ainode_export_runner"].join(JOB_TIMEOUT_S)
+@pytest.fixture
+def worker(web_node, tmp_path):
+    """A real worker process on the web node's database and (embedded) broker."""
+    with running_worker(web_node.settings, tmp_path / "worker"):
+        yield
 
 
 def post_json(client, url: str, body, token: str | None = None):
@@ -161,7 +165,7 @@ def test_bad_selection_is_refused_with_the_reason(client, labelled, body, messag
         assert message in answer.get_json()["error"]
 
 
-def test_export_runs_in_the_background_and_downloads_as_a_zip(client, labelled):
+def test_export_runs_in_the_background_and_downloads_as_a_zip(client, labelled, worker):
     answer = post_json(client, "/exports", {"keywords": ["COVID", "Normal", "pneumonia"]})
     assert answer.status_code == 202, answer.text
     job = wait_for_job(client, answer.get_json()["id"])
@@ -196,7 +200,7 @@ def test_export_runs_in_the_background_and_downloads_as_a_zip(client, labelled):
     assert f"/exports/{job['id']}/download" in listed.text
 
 
-def test_a_failed_export_says_why(client, labelled):
+def test_a_failed_export_says_why(client, labelled, worker):
     (labelled.settings.data_dir / "exports").write_text("not a folder")
     answer = post_json(client, "/exports", {})
     job = wait_for_job(client, answer.get_json()["id"])
@@ -220,20 +224,69 @@ def test_download_of_unknown_or_unfinished_export_is_404(client, labelled):
     assert client.get(f"/exports/{job_id}/download").status_code == 404
 
 
-def test_jobs_left_running_by_a_crash_are_failed_as_interrupted(app, client, labelled):
+def test_an_export_whose_worker_stopped_is_failed_as_interrupted(client, labelled):
+    """A running export reports progress (its heartbeat); one silent for
+    analysis_timeout_seconds lost its worker: the sweeper fails it and the page says so,
+    while one that beats on keeps running."""
+    now = utcnow()
+    silent_since = now - timedelta(seconds=labelled.settings.analysis_timeout_seconds + 1)
+    with labelled.session_factory() as db, db.begin():
+        for updated in (silent_since, now):
+            db.add(
+                ExportJob(
+                    requested_by="dr.rad",
+                    status=ExportStatus.RUNNING,
+                    parameters={},
+                    updated_at=updated,
+                )
+            )
+    assert due_work(labelled, now).exports == []
+    listed = client.get("/exports/jobs").get_json()["jobs"]
+    assert [(j["status"], (j["error"] or "")[:11]) for j in listed] == [
+        ("running", ""),
+        ("failed", "interrupted"),
+    ]
+    assert "the worker stopped while this export ran" in listed[1]["error"]
+
+
+def test_a_queued_export_whose_message_was_lost_is_handed_out_again(labelled):
+    now = utcnow()
+    lost_at = now - timedelta(seconds=labelled.settings.requeue_after_seconds + 1)
+    with labelled.session_factory() as db, db.begin():
+        job = ExportJob(
+            requested_by="dr.rad", status=ExportStatus.QUEUED, parameters={}, updated_at=lost_at
+        )
+        db.add(job)
+        db.flush()
+        job_id = job.id
+    assert due_work(labelled, now).exports == [job_id]
+    assert due_work(labelled, now).exports == []  # handed out: not again at once
+
+
+def test_export_started_while_the_queue_is_down_waits_queued_and_says_so(
+    make_settings, phantom_studies
+):
+    """The broker is unreachable: the job is still recorded (nothing lost), the page is told
+    it starts when the queue is back, and the sweeper hands it out then."""
     from webui import create_app
 
-    with labelled.session_factory() as db, db.begin():
-        db.add(ExportJob(requested_by="dr.rad", status=ExportStatus.RUNNING, parameters={}))
-    listed = client.get("/exports/jobs").get_json()["jobs"]
-    assert [(j["status"], j["error"][:11]) for j in listed] == [("failed", "interrupted")]
-    with labelled.session_factory() as db, db.begin():
-        db.add(ExportJob(requested_by="dr.rad", status=ExportStatus.RUNNING, parameters={}))
-    create_app(labelled.settings, {"TESTING": True}, node=labelled)  # the node restarts
-    with labelled.session_factory() as db:
-        jobs = db.scalars(select(ExportJob)).all()
-    assert {(j.status, j.error.startswith("interrupted")) for j in jobs} == {("failed", True)}
-    assert all(j.finished_at <= utcnow() for j in jobs)
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = make_settings(web_secure_cookies=False, broker_url=down)
+    node = build_node(settings, migrate=True)
+    try:
+        add_accounts(node)
+        ingest_and_label(node, {"covid": phantom_studies["covid"]}, {"covid": "COVID"})
+        app = create_app(settings, {"TESTING": True}, node=node)
+        client = sign_in(app.test_client(), "radiologist")
+        answer = post_json(client, "/exports", {"keywords": ["COVID"]})
+        assert answer.status_code == 202, answer.text
+        body = answer.get_json()
+        assert body["status"] == "queued"
+        assert body["notice"] == "The job queue is unreachable: the export starts when it is back."
+        later = utcnow() + timedelta(seconds=settings.requeue_after_seconds + 1)
+        assert due_work(node, later).exports == [body["id"]]
+    finally:
+        node.close()
 
 
 def test_post_without_csrf_token_is_refused(client, labelled):

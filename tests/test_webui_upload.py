@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import re
 import shutil
+import struct
+import time
+import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from node import phantom  # noqa: E402
 from node.analysis import imaging  # noqa: E402
-from node.analysis.bundle import ModelInfo  # noqa: E402
+from node.analysis.bundle import (
+    BundleError,  # noqa: E402
+    ModelInfo,  # noqa: E402
+)
+from node.analysis.classify import MAX_PIXELS  # noqa: E402
 from node.analysis.result import CLASSES  # noqa: E402
 from node.records import registry  # noqa: E402
-from tests.webui import csrf_token  # noqa: E402
+from node.records.db import UploadJob, UploadStatus, utcnow  # noqa: E402
+from node.workflow import uploads  # noqa: E402
+from node.workflow.sweeper import due_work  # noqa: E402
+from tests.webui import csrf_token, running_worker, sign_in  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings(  # Keras 3.15 with NumPy 2, inside get_weights()
@@ -61,6 +71,27 @@ def dicom_bytes(ct_slice: Path, change=None) -> bytes:
     return out.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims ``width`` × ``height`` gray pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(bytes(width + 1))  # one row; a decoder would inflate them all
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+
+
+def _huge(ds):
+    ds.Rows = ds.Columns = 16384  # Pixel Data left as it is: never decoded
+
+
+TOO_LARGE = f"too large to classify (at most {MAX_PIXELS:,} pixels are accepted)"
+
+
 def post_file(client, url: str, data: bytes, name: str = "slice", **fields):
     token = csrf_token(client.get("/upload").text)
     return client.post(
@@ -73,6 +104,24 @@ def post_file(client, url: str, data: bytes, name: str = "slice", **fields):
 
 def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def classified(client, node, answer) -> dict:
+    """What the page is shown once a worker has answered a 202: the workers' own function
+    (:func:`node.workflow.uploads.classify_upload_job`) runs here on the queued job; the
+    Celery transport in between is tested with a worker process below."""
+    assert answer.status_code == 202, answer.text
+    queued = answer.get_json()
+    assert queued["status"] == "queued" and "notice" not in queued
+    assert client.get(queued["status_url"]).get_json()["status"] == "queued"
+    active = registry.ActiveBundle(node.settings)
+
+    def bundle():
+        with node.session_factory() as db:
+            return active.current(db)
+
+    uploads.classify_upload_job(node, bundle, queued["id"])
+    return client.get(queued["status_url"]).get_json()
 
 
 def test_page_names_the_active_model_and_marks_the_demo(client):
@@ -89,10 +138,9 @@ def test_upload_is_classified_by_the_active_model_and_not_stored(
     client, web_node, ct_slice, kind, name
 ):
     data = dicom_bytes(ct_slice) if kind == "dicom" else picture(ct_slice, kind.upper())
-    before = files_under(web_node.settings.data_dir)
     answer = post_file(client, "/upload/classify", data, name)
-    assert answer.status_code == 200, answer.text
-    result = answer.get_json()
+    result = classified(client, web_node, answer)
+    assert result["status"] == "done"
     assert (result["kind"], result["file"], result["kept"], result["slices"]) == (
         kind,
         name,
@@ -111,14 +159,13 @@ def test_upload_is_classified_by_the_active_model_and_not_stored(
         "demo": True,
         "label": DEMO.identity().label,
     }
-    assert files_under(web_node.settings.data_dir) == before
+    assert files_under(web_node.settings.data_dir / "uploads") == set()  # answered: gone
 
 
 def test_keep_stores_under_a_generated_name_never_the_clients(client, web_node, ct_slice, tmp_path):
     data = picture(ct_slice, "PNG")
     answer = post_file(client, "/upload/classify", data, "../../etc/passwd", keep="1")
-    assert answer.status_code == 200, answer.text
-    result = answer.get_json()
+    result = classified(client, web_node, answer)
     assert result["file"] == "passwd"  # shown only
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{16}\.png", result["kept"])
     kept = web_node.settings.data_dir / "uploads" / result["kept"]
@@ -183,6 +230,21 @@ def _mr(ds):
             "not a valid PNG or JPEG file",
             id="bad-png",
         ),
+        pytest.param(
+            lambda ct: png_claiming(40000, 40000),
+            f"The image claims more than 178,956,970 pixels: {TOO_LARGE}",
+            id="png-bomb",
+        ),
+        pytest.param(
+            lambda ct: png_claiming(9000, 9000),
+            f"The image is 9000×9000 pixels: {TOO_LARGE}",
+            id="png-over-the-limit",
+        ),
+        pytest.param(
+            lambda ct: dicom_bytes(ct, _huge),
+            f"The DICOM image is 16384×16384 pixels: {TOO_LARGE}",
+            id="dicom-bomb",
+        ),
     ],
 )
 @pytest.mark.parametrize("url", ["/upload/classify", "/upload/preview"])
@@ -192,6 +254,36 @@ def test_bad_files_are_refused_with_a_clear_message(client, web_node, ct_slice, 
     assert answer.status_code == 400
     assert message in answer.get_json()["error"]
     assert files_under(web_node.settings.data_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_a_decompression_bomb_is_refused_by_the_cli_and_the_upload(
+    client, web_node, ct_slice, tmp_path, monkeypatch, capsys, kind
+):
+    """``ainode classify`` and the upload share one reader: neither decodes the bomb."""
+    from ainode.cli import main
+
+    if kind == "png":
+        data, message = png_claiming(40000, 40000), "The image claims more than"
+        path = tmp_path / "bomb.png"
+    else:
+        data, message = dicom_bytes(ct_slice, _huge), "The DICOM image is 16384×16384 pixels"
+        path = tmp_path / "series" / "IM0001"
+        path.parent.mkdir()
+    assert len(data) < 200_000
+    path.write_bytes(data)
+
+    answer = post_file(client, "/upload/classify", data, path.name)
+    assert answer.status_code == 400
+    assert answer.get_json()["error"].startswith(message)
+    assert TOO_LARGE in answer.get_json()["error"]
+
+    monkeypatch.setenv("AINODE_DATA_DIR", str(web_node.settings.data_dir))
+    capsys.readouterr()
+    assert main(["classify", str(path if kind == "png" else path.parent)]) == 2
+    err = capsys.readouterr().err
+    assert f"ainode: {path}: {message}" in err
+    assert TOO_LARGE in err
 
 
 def test_no_file_field_is_refused(client):
@@ -220,15 +312,15 @@ def test_upload_without_csrf_token_is_refused(client, ct_slice):
 
 def test_a_newly_activated_model_answers_the_next_upload(client, web_node, ct_slice):
     data = picture(ct_slice, "PNG")
-    first = post_file(client, "/upload/classify", data, "a.png").get_json()
+    first = classified(client, web_node, post_file(client, "/upload/classify", data, "a.png"))
     assert first["model"]["name"] == DEMO.name
     folder = registry.bundle_folder(web_node.settings, "covid-ct", "2.0")
     shutil.copytree(registry.BUILTIN_DIR, folder)
-    renamed = dataclasses.replace(DEMO, name="covid-ct", version="2.0", demo=False)
+    renamed = DEMO.replace(name="covid-ct", version="2.0", demo=False)
     renamed.to_json(folder / "model.json")
     with web_node.session_factory() as db, db.begin():
         registry.activate(web_node.settings, db, "covid-ct:2.0", "ad.min")
-    second = post_file(client, "/upload/classify", data, "a.png").get_json()
+    second = classified(client, web_node, post_file(client, "/upload/classify", data, "a.png"))
     assert (second["model"]["name"], second["model"]["version"]) == ("covid-ct", "2.0")
     assert second["model"]["demo"] is False
     assert "covid-ct:2.0" in client.get("/upload").text
@@ -241,3 +333,58 @@ def test_anonymous_is_sent_to_sign_in(anonymous):
         answer = anonymous.post(url, data={}, headers={"X-CSRFToken": token})
         assert answer.status_code == 302
         assert answer.headers["Location"].startswith("/login")
+
+
+def test_a_worker_process_answers_the_upload_the_page_polls(client, web_node, ct_slice, tmp_path):
+    """The whole path: the web UI queues the file, a real ``ainode worker`` process (the
+    only one holding the model) classifies it, the page's status URL gives the answer."""
+    with running_worker(web_node.settings, tmp_path / "worker"):
+        answer = post_file(client, "/upload/classify", dicom_bytes(ct_slice), "IM0001")
+        assert answer.status_code == 202, answer.text
+        url = answer.get_json()["status_url"]
+        deadline = time.monotonic() + 120
+        while (result := client.get(url).get_json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, result
+            time.sleep(0.2)
+    assert result["status"] == "done", result
+    assert result["predicted_class"] in CLASSES and result["model"]["name"] == DEMO.name
+    assert files_under(web_node.settings.data_dir / "uploads") == set()
+
+
+def test_an_upload_is_shown_only_to_who_sent_it(app, client, web_node, ct_slice):
+    answer = post_file(client, "/upload/classify", picture(ct_slice, "PNG"), "mine.png")
+    url = answer.get_json()["status_url"]
+    other = sign_in(app.test_client(), "admin")
+    assert other.get(url).status_code == 404
+    assert client.get(url).status_code == 200
+
+
+def test_a_model_that_cannot_be_loaded_fails_the_upload_with_the_reason(client, web_node, ct_slice):
+    answer = post_file(client, "/upload/classify", picture(ct_slice, "PNG"), "a.png")
+    job_id = answer.get_json()["id"]
+
+    def broken():
+        raise BundleError("model.keras: cannot be read")
+
+    assert uploads.classify_upload_job(web_node, broken, job_id) == "failed"
+    result = client.get(answer.get_json()["status_url"]).get_json()
+    assert result == {
+        "id": job_id,
+        "file": "a.png",
+        "kind": "png",
+        "status": "failed",
+        "error": "The active model cannot be loaded: model.keras: cannot be read",
+    }
+    assert files_under(web_node.settings.data_dir / "uploads") == set()
+
+
+def test_an_upload_whose_worker_died_is_failed_and_its_bytes_removed(client, web_node, ct_slice):
+    answer = post_file(client, "/upload/classify", picture(ct_slice, "PNG"), "a.png")
+    job_id = answer.get_json()["id"]
+    with web_node.session_factory() as db, db.begin():
+        db.get(UploadJob, job_id).status = UploadStatus.RUNNING  # claimed by a worker...
+    later = utcnow() + timedelta(seconds=web_node.settings.analysis_timeout_seconds + 1)
+    due_work(web_node, later)  # ...that never answered
+    result = client.get(answer.get_json()["status_url"]).get_json()
+    assert result["status"] == "failed" and result["error"].startswith("interrupted")
+    assert files_under(web_node.settings.data_dir / "uploads") == set()

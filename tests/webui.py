@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,7 @@ import pytest
 from node.records import users
 from node.runtime import build_node
 from node.settings import Settings
+from tests.config import write_config
 
 PASSWORDS = {"radiologist": "radiologist-pass-1", "admin": "admin-pass-123"}
 USERNAMES = {"radiologist": "dr.rad", "admin": "ad.min"}
@@ -94,3 +100,32 @@ def admin_client(app):
 def anonymous(app):
     """Nobody signed in."""
     return app.test_client()
+
+
+@contextlib.contextmanager
+def running_worker(settings: Settings, folder: Path, timeout: float = 120) -> Iterator[None]:
+    """A real ``ainode worker`` process on ``settings`` (its database and broker), ready to
+    take tasks; stopped (and waited for) at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(settings, folder / "worker.toml")
+    log = folder / "worker.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ainode.cli", "--config", str(config), "worker"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while " ready." not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

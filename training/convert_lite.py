@@ -27,6 +27,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from node import atomic
 from training.lite import MEAN_RGB, STDDEV_RGB, VARIANTS, efficientnet_lite
 from training.samples import sha256_of
 
@@ -183,19 +184,13 @@ def convert_lite(variant: str, out: str | os.PathLike, source: Path | None = Non
 
 
 def _save_weights(model: keras.Model, path: Path) -> None:
-    """Write the weights to a temporary file beside ``path``, then move it into place."""
-    temporary = path.with_name(f".{os.getpid()}.{path.name}")
-    try:
-        model.save_weights(temporary, overwrite=True)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write the weights to a temporary file beside ``path``, then move it into place (the
+    temporary's name ends with ``path``'s, so Keras still sees ``.weights.h5``)."""
+    atomic.write_with(path, lambda temporary: model.save_weights(temporary, overwrite=True))
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic.write_text(path, text)
 
 
 def _check_readable(variant: str, full: Path, notop: Path, model: keras.Model) -> None:

@@ -19,24 +19,12 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from node.analysis.result import CLASSES
+from node.records.export_format import FORMAT as EXPORT_FORMAT
+from node.records.export_format import INFO_FILE, MANIFEST_COLUMNS, MANIFEST_FILE
 from training.samples import SPLITS, Sample
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "ainode-export/1"
-MANIFEST_COLUMNS = [
-    "path",
-    "label",
-    "keyword",
-    "patient",
-    "study",
-    "series",
-    "instance",
-    "slice_index",
-    "window_center",
-    "window_width",
-    "source",
-]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Folder names seen in the seed paper and public mirrors, compared lower-case without
@@ -89,14 +77,14 @@ class DatasetError(ValueError):
 def read_export(folder: str | os.PathLike) -> list[Sample]:
     """Read a node export bundle (``export.json`` + ``manifest.csv`` + ``images/``)."""
     root = Path(folder).resolve()
-    _check_export_format(root / "export.json")
-    manifest = root / "manifest.csv"
+    _check_export_format(root / INFO_FILE)
+    manifest = root / MANIFEST_FILE
     if not manifest.is_file():
         raise DatasetError(f"{manifest}: missing (an export bundle lists its images there)")
     samples, missing = [], []
     with open(manifest, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames != MANIFEST_COLUMNS:
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
             raise DatasetError(
                 f"{manifest}:1: columns must be exactly {','.join(MANIFEST_COLUMNS)}, "
                 f"got {','.join(reader.fieldnames or [])}"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from node import atomic
 from node.analysis.result import CLASSES, aggregate
 
 COVID_CLASS = "Covid_19"
@@ -198,17 +199,6 @@ def evaluate_predictions(
 # ---------------------------------------------------------------- report writers
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through a temporary sibling renamed into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def _number(value: float | None) -> str:
     """A metric as the report shows it (four decimals; ``n/a`` when undefined)."""
     return "n/a" if value is None else f"{value:.4f}"
@@ -325,12 +315,14 @@ def _history_figure(history: dict[str, np.ndarray], source: str) -> Figure:
 
 def _save_figure(figure: Figure, path: Path) -> Path:
     """Write a figure as PNG atomically."""
-    return _write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    atomic.write_with(path, lambda tmp: figure.savefig(tmp, format="png"))
+    return path
 
 
 def _write_text(path: Path, text: str) -> Path:
     """Write a UTF-8 text file atomically."""
-    return _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic.write_text(path, text)
+    return path
 
 
 def write_report(

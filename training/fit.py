@@ -33,6 +33,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from node import atomic
 from training.augment import AugmentOptions, augment_image
 from training.devices import Devices, resolve_devices
 from training.model import HEAD_FILE
@@ -384,13 +385,7 @@ def _truncate_history(path: Path, epochs: int) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -435,9 +430,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         state = self._state
         state["images_seen"] = state.get("images_seen", 0) + self._images
-        temp = self._folder / f".tmp-{LAST_MODEL}"
-        self.model.save(temp)
-        os.replace(temp, self._folder / LAST_MODEL)
+        atomic.write_with(self._folder / LAST_MODEL, self.model.save)  # keeps ".keras"
         value = (logs or {}).get("val_accuracy")
         if value is not None and (state["best"] is None or value > state["best"]):
             state["best"], state["best_epoch"] = float(value), epoch

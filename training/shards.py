@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from node import atomic
 from node.analysis.result import CLASSES
 from training.augment import AugmentOptions, augment_image
 from training.samples import SPLITS, Sample, read_samples, sha256_of, write_samples
@@ -128,8 +129,7 @@ def _render(samples: list[Sample], entry: Entry, options: PrepareOptions) -> np.
 
 def write_shard(path: Path, images: np.ndarray, labels, rows, augmented) -> None:
     """Write one shard atomically (temp file, fsync, rename)."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
+    with atomic.atomic_open(path) as handle:
         np.savez(
             handle,
             images=images[..., np.newaxis],
@@ -137,9 +137,6 @@ def write_shard(path: Path, images: np.ndarray, labels, rows, augmented) -> None
             rows=np.asarray(rows, dtype=np.int64),
             augmented=np.asarray(augmented, dtype=bool),
         )
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 def prepare(
@@ -179,9 +176,8 @@ def prepare(
         },
         "shards": shards,
     }
-    temp = out / f".{PREPARE_FILE}.tmp"
-    temp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, out / PREPARE_FILE)  # written last: its presence means the run is whole
+    # Written last: its presence means the run is whole.
+    atomic.write_text(out / PREPARE_FILE, json.dumps(info, indent=2) + "\n")
     return info
 
 

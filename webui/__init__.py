@@ -15,6 +15,7 @@ from pathlib import Path
 from flask import Flask, Request, g, render_template
 from flask_wtf.csrf import CSRFProtect
 
+from node import atomic
 from node.runtime import Node, build_node
 from node.settings import Settings
 
@@ -83,10 +84,7 @@ def _secret_key(settings: Settings) -> str:
     path = Path(settings.data_dir) / "web_secret_key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(".web_secret_key.tmp")
-        temp.write_text(secrets.token_urlsafe(48), encoding="utf-8")
-        temp.chmod(0o600)
-        temp.replace(path)
+        atomic.write_text(path, secrets.token_urlsafe(48), mode=0o600)  # never readable by others
     return path.read_text(encoding="utf-8").strip()
 
 

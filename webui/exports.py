@@ -25,10 +25,11 @@ from flask_wtf.csrf import CSRFError
 from sqlalchemy import select
 
 from node.analysis.result import CLASSES
-from node.records.db import ExportJob, ExportStatus
+from node.records.db import ExportJob, ExportStatus, utcnow
 from node.records.labels import check_keyword, effective_keyword_classes
+from node.workflow.exports import exports_root
+from node.workflow.queue import RUN_EXPORT, enqueue, make_celery
 from webui import audit, node, session
-from webui.export_jobs import ExportRunner, exports_root
 from webui.export_preview import (
     ExportSelection,
     keywords_in_use,
@@ -42,18 +43,10 @@ MAX_KEYWORDS = 100
 
 
 @bp.record_once
-def _start_runner(state) -> None:
-    """One runner per app; jobs a previous process left unfinished are failed now."""
-    built = state.app.extensions["ainode_node"]
-    runner = ExportRunner(built)
-    state.app.extensions["ainode_export_runner"] = runner
-    with built.session_factory() as opened:
-        runner.fail_interrupted(opened)
-
-
-def runner() -> ExportRunner:
-    """This app's export runner."""
-    return current_app.extensions["ainode_export_runner"]
+def _queue(state) -> None:
+    """The job queue the exports are handed to (the workers run them)."""
+    if "ainode_celery" not in state.app.extensions:
+        state.app.extensions["ainode_celery"] = make_celery(state.app.extensions["ainode_settings"])
 
 
 @bp.errorhandler(CSRFError)
@@ -100,7 +93,6 @@ def jobs():
 def job(job_id: int):
     """One export job as JSON."""
     db = session()
-    runner().fail_interrupted(db)
     found = db.get(ExportJob, job_id)
     if found is None:
         abort(404, f"Export {job_id} doesn't exist.")
@@ -122,7 +114,8 @@ def preview():
 @bp.route("/exports", methods=["POST"])
 @login_required
 def start():
-    """Create an export job for the posted selection and run it in the background."""
+    """Create an export job for the posted selection and hand it to the workers' queue (a
+    job whose message cannot be sent now stays queued: the sweeper hands it out later)."""
     db = session()
     mapping = effective_keyword_classes(node().settings, db)
     selection, chosen = _posted_selection(mapping)
@@ -141,12 +134,16 @@ def start():
         parameters=parameters,
         status=ExportStatus.QUEUED,
         total=counts.selected,
+        updated_at=utcnow(),  # handed out now; the sweeper re-sends it if the message is lost
     )
     db.add(created)
     db.flush()
     audit.record(db, current_user.username, "export", job=created.id, **parameters)
-    runner().submit(db, created)
-    return jsonify(job_json(created)), 202
+    db.commit()
+    answer = job_json(created)
+    if not enqueue(current_app.extensions["ainode_celery"], RUN_EXPORT, created.id):
+        answer["notice"] = "The job queue is unreachable: the export starts when it is back."
+    return jsonify(answer), 202
 
 
 @bp.route("/exports/<int:job_id>/download")
@@ -176,8 +173,7 @@ def download(job_id: int):
 
 
 def latest_jobs(db) -> list[dict]:
-    """The newest export jobs, those a stopped process left unfinished failed first."""
-    runner().fail_interrupted(db)
+    """The newest export jobs."""
     listed = db.scalars(
         select(ExportJob)
         .order_by(ExportJob.created_at.desc(), ExportJob.id.desc())

@@ -1,67 +1,55 @@
 """Upload and classify: one PNG, JPEG or DICOM file judged by the active model.
 
-Nothing uploaded is written to disk unless the user ticks "keep"; a kept file goes to
+The web process checks the file and hands it to a worker (:mod:`node.workflow.uploads`),
+which holds the model: the web UI never loads one. The bytes wait privately until answered
+and are then removed, unless the user ticked "keep": a kept file goes to
 ``data_dir/uploads`` under a generated name (the client's file name is only ever shown).
-The model is loaded once per process and reloaded when the active model changes.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import threading
-from pathlib import Path
-
-from flask import Blueprint, current_app, jsonify, make_response, render_template, request
-from flask_login import login_required
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    jsonify,
+    make_response,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from node.analysis.analyze import AnalysisOptions
 from node.analysis.bundle import INFO_FILE, BundleError, ModelInfo
-from node.analysis.imaging import Window, to_png_bytes
-from node.records.db import utcnow
-from node.records.registry import ActiveBundle, active_model_dir
-from node.settings import Settings
+from node.analysis.classify import ClassifyError, read_input
+from node.analysis.imaging import Window
+from node.records.db import UploadJob, UploadStatus
+from node.records.registry import active_model_dir
+from node.workflow import uploads
+from node.workflow.queue import CLASSIFY_UPLOAD, enqueue, make_celery
 from webui import node, session
-from webui.uploaded_image import (
-    UploadedImage,
-    UploadError,
-    UploadResult,
-    classify_upload,
-    dicom_preview,
-    file_kind,
-    read_picture,
-    read_upload,
-)
+from webui.uploaded_image import UploadError, preview_png
 
 bp = Blueprint("upload", __name__)
 DISPLAY_NAME_MAX_LENGTH = 120
 KEEP_VALUES = ("1", "on", "true", "yes")
-
-
-class ServedModel:
-    """The active model of this process: loaded on first use, reloaded when it changes."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._active = ActiveBundle(settings)
-        self._lock = threading.Lock()  # one load, and one inference at a time, per process
-
-    def classify(self, db: Session, image: UploadedImage) -> UploadResult:
-        with self._lock:
-            return classify_upload(image, self._active.current(db))
+QUEUE_DOWN = "The job queue is unreachable: the file is classified when it is back."
 
 
 @bp.record_once
-def _serve_model(state) -> None:
-    settings = state.app.extensions["ainode_node"].settings
-    state.app.extensions["ainode_served_model"] = ServedModel(settings)
+def _queue(state) -> None:
+    """The job queue uploads are handed to: the workers hold the model, the web UI never."""
+    if "ainode_celery" not in state.app.extensions:
+        state.app.extensions["ainode_celery"] = make_celery(state.app.extensions["ainode_settings"])
 
 
 # Every POST here is a fetch() from the page, so errors are JSON it can show.
-@bp.errorhandler(UploadError)
-def _upload_error(exc: UploadError):
+@bp.errorhandler(ClassifyError)  # UploadError too
+def _upload_error(exc: ClassifyError):
     return jsonify(error=str(exc)), 400
 
 
@@ -92,10 +80,7 @@ def preview():
     """The uploaded image as PNG: a DICOM file windowed as the node windows it."""
     data, _name = _uploaded()
     settings = node().settings
-    if file_kind(data) == "dicom":
-        png = dicom_preview(data, Window(settings.window_center, settings.window_width))
-    else:
-        png = to_png_bytes(read_picture(data))
+    png = preview_png(data, Window(settings.window_center, settings.window_width))
     answer = make_response(png)
     answer.headers["Content-Type"] = "image/png"
     answer.headers["Cache-Control"] = "no-store"
@@ -105,20 +90,44 @@ def preview():
 @bp.route("/upload/classify", methods=["POST"])
 @login_required
 def classify():
-    """The active model's class and probabilities for the uploaded file (JSON)."""
+    """Check the uploaded file (a bad one is refused at once) and hand it to a worker; the
+    answer is polled at ``status_url`` (202)."""
     data, name = _uploaded()
     settings = node().settings
-    image = read_upload(data, AnalysisOptions.from_settings(settings))
-    served: ServedModel = current_app.extensions["ainode_served_model"]
-    try:
-        result = served.classify(session(), image)
-    except BundleError as exc:
-        current_app.logger.error("upload: the active model cannot be served: %s", exc)
-        return jsonify(error=f"The active model cannot be loaded: {exc}"), 503
-    kept = None
-    if request.form.get("keep", "").strip().lower() in KEEP_VALUES:
-        kept = keep_upload(settings, data, image.suffix)
-    return jsonify(file=name, kind=image.kind, kept=kept, **result.as_dict())
+    image = read_input(data, AnalysisOptions.from_settings(settings))  # refuses a bad file now
+    db = session()
+    job = uploads.submit(
+        db,
+        settings,
+        data,
+        kind=image.kind,
+        suffix=image.suffix,
+        file_name=name,
+        requested_by=current_user.username,
+        keep=request.form.get("keep", "").strip().lower() in KEEP_VALUES,
+    )
+    db.commit()
+    if not enqueue(current_app.extensions["ainode_celery"], CLASSIFY_UPLOAD, job.id):
+        answer = {"status": job.status, "notice": QUEUE_DOWN}
+    else:
+        answer = {"status": job.status}
+    status_url = url_for("upload.job", job_id=job.id)
+    return jsonify(id=job.id, file=name, kind=image.kind, status_url=status_url, **answer), 202
+
+
+@bp.route("/upload/jobs/<int:job_id>")
+@login_required
+def job(job_id: int):
+    """An upload's classification: queued, running, done (the answer) or failed (why)."""
+    found = session().get(UploadJob, job_id)
+    if found is None or found.requested_by != current_user.username:
+        abort(404, f"Upload {job_id} doesn't exist.")  # another user's upload is not shown
+    body = {"id": found.id, "file": found.file_name, "kind": found.kind, "status": found.status}
+    if found.status == UploadStatus.DONE:
+        body.update(kept=found.kept, **found.answer)
+    elif found.status == UploadStatus.FAILED:
+        body["error"] = found.error
+    return jsonify(body)
 
 
 def _uploaded() -> tuple[bytes, str]:
@@ -134,25 +143,6 @@ def display_name(filename: str) -> str:
     last = filename.replace("\\", "/").rsplit("/", 1)[-1]
     shown = "".join(ch for ch in last if ch.isprintable()).strip()
     return shown[:DISPLAY_NAME_MAX_LENGTH] or "upload"
-
-
-def keep_upload(settings: Settings, data: bytes, suffix: str) -> str:
-    """Write an upload into ``data_dir/uploads`` under a new name (temp file, fsync, rename)."""
-    folder = Path(settings.data_dir) / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{utcnow():%Y%m%dT%H%M%SZ}-{secrets.token_hex(8)}{suffix}"
-    temp = folder / f".{name}.partial"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # may hold patient data
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, folder / name)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return name
 
 
 def _active_model(db: Session) -> tuple[ModelInfo | None, str | None]:

@@ -8,24 +8,29 @@ tf2onnx and onnxruntime are imported only when a bundle is loaded, so the rest o
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
+from node import atomic
 from node.analysis.result import CLASSES, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,6 @@ PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
 RUNTIMES = ("auto", "keras", "onnx")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ONNX_SOURCE_KEY = "ainode.source_sha256"  # metadata: which model.keras the ONNX file came from
 
 
@@ -44,111 +48,92 @@ class BundleError(ValueError):
     """A model bundle that cannot be served; the message names the file and the field."""
 
 
-def _text(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise BundleError(f"{name} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise BundleError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _width(name: str, value: object) -> float:
-    if _number(name, value) <= 0:
-        raise BundleError(f"{name} must be greater than 0 HU, got {value!r}")
-    return float(value)
-
-
-def _classes(name: str, value: object) -> tuple[str, ...]:
+def _node_classes(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or tuple(value) != CLASSES:
-        raise BundleError(f"{name} must be {list(CLASSES)} in this output order, got {value!r}")
+        raise ValueError("not the node's classes")
     return CLASSES
 
 
-def _input_size(name: str, value: object) -> int:
-    low, high = INPUT_SIZE_RANGE
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BundleError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return value
-
-
-def _preprocessing(name: str, value: object) -> str:
+def _known_preprocessing(value: str) -> str:
     if value not in PREPROCESSING_VERSIONS:
-        known = ", ".join(sorted(PREPROCESSING_VERSIONS))
-        raise BundleError(f"{name} {value!r} is unknown to this node (it knows {known})")
+        raise ValueError("unknown preprocessing")
     return value
 
 
-def _sha256_hex(name: str, value: object) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise BundleError(f"{name} must be 64 lowercase hex digits (SHA-256), got {value!r}")
+def _aware_time(value: str) -> str:
+    if datetime.datetime.fromisoformat(value).tzinfo is None:  # ValueError when not ISO 8601
+        raise ValueError("no UTC offset")
     return value
 
 
-def _json_dict(name: str, value: object) -> dict:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise BundleError(f"{name} must be an object with string keys, got {value!r}")
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A private, JSON-clean copy (no NaN, no objects JSON cannot hold)."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))  # a private, JSON-clean copy
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{name} must hold only JSON numbers, strings, lists, objects") from exc
+        return json.loads(json.dumps(value, allow_nan=False))
+    except TypeError as exc:  # pydantic reports ValueError only
+        raise ValueError(str(exc)) from exc
 
 
-def _framework(name: str, value: object) -> dict:
-    value = _json_dict(name, value)
+def _has_versions(value: dict[str, Any]) -> dict[str, Any]:
     for key in ("tensorflow", "keras"):
-        _text(f"{name}[{key!r}]", value.get(key))
+        if not isinstance(value.get(key), str) or not value[key].strip():
+            raise ValueError(f"no {key} version")
     return value
 
 
-def _created_at(name: str, value: object) -> str:
-    try:
-        stamp = datetime.datetime.fromisoformat(_text(name, value))
-    except ValueError:
-        stamp = None
-    if stamp is None or stamp.tzinfo is None:
-        raise BundleError(f"{name} must be an ISO 8601 time with a UTC offset, got {value!r}")
-    return value
+# Each field's description is the rule it follows: an error reads "<field> must be <rule>".
+_Text = Annotated[str, StringConstraints(pattern=r"\S"), Field(description="a non-empty string")]
+_JsonObject = Annotated[
+    dict[str, Any],
+    AfterValidator(_json_copy),
+    Field(description="a JSON object (string keys; numbers, strings, lists, objects)"),
+]
 
 
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise BundleError(f"{name} must be true or false, got {value!r}")
-    return value
+class ModelInfo(BaseModel):
+    """What ``model.json`` says about a model; every field is validated on construction.
 
+    Construction raises :class:`BundleError` naming each bad field, its rule and the value
+    given. The instance is frozen: :meth:`replace` makes a changed, validated copy.
+    """
 
-def _string(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise BundleError(f"{name} must be a string, got {value!r}")
-    return value
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
+    name: _Text
+    version: _Text
+    classes: Annotated[tuple[str, ...], BeforeValidator(_node_classes)] = Field(
+        description=f"{list(CLASSES)} in this output order"
+    )
+    input_size: int = Field(
+        ge=INPUT_SIZE_RANGE[0],
+        le=INPUT_SIZE_RANGE[1],
+        description="an integer in {}..{}".format(*INPUT_SIZE_RANGE),
+    )
+    window_center: float = Field(description="a finite number")
+    window_width: float = Field(gt=0, description="greater than 0 HU and finite")
+    preprocessing_version: Annotated[str, AfterValidator(_known_preprocessing)] = Field(
+        description=f"a version this node knows ({', '.join(sorted(PREPROCESSING_VERSIONS))})"
+    )
+    backbone: _Text
+    dataset_manifest_hash: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex digits (SHA-256)"
+    )
+    metrics: _JsonObject
+    framework: Annotated[
+        dict[str, Any], AfterValidator(_json_copy), AfterValidator(_has_versions)
+    ] = Field(description="a JSON object with non-empty 'tensorflow' and 'keras' strings")
+    created_at: Annotated[str, AfterValidator(_aware_time)] = Field(
+        description="an ISO 8601 time with a UTC offset"
+    )
+    demo: bool = Field(default=False, description="true or false")
+    description: str = Field(default="", description="a string")
+    weights: _JsonObject = Field(default_factory=dict)  # origin and SHA-256 of the start
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What ``model.json`` says about a model; every field is validated on construction."""
-
-    name: str
-    version: str
-    classes: tuple[str, ...]
-    input_size: int
-    window_center: float
-    window_width: float
-    preprocessing_version: str
-    backbone: str
-    dataset_manifest_hash: str
-    metrics: dict
-    framework: dict
-    created_at: str
-    demo: bool = False
-    description: str = ""
-    weights: dict = dataclasses.field(default_factory=dict)  # origin and SHA-256 of the start
-
-    def __post_init__(self) -> None:
-        for name, check in _FIELD_CHECKS.items():
-            object.__setattr__(self, name, check(name, getattr(self, name)))
+    def __init__(self, /, **fields: Any) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise BundleError(_explain(exc, fields)) from exc
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelInfo:
@@ -162,16 +147,6 @@ class ModelInfo:
             raise BundleError(f"{path}: not readable JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{path}: must hold a JSON object")
-        fields = dataclasses.fields(cls)
-        names = {f.name for f in fields}
-        required = {
-            f.name
-            for f in fields
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
-        if unknown or missing:
-            raise BundleError(f"{path}: unknown fields {unknown}, missing fields {missing}")
         try:
             return cls(**data)
         except BundleError as exc:
@@ -179,46 +154,32 @@ class ModelInfo:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write ``model.json`` atomically (temp file, fsync, rename)."""
-        text = json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"
-        _write_atomically(Path(path), text.encode("utf-8"))
+        text = json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+        atomic.write_bytes(path, text.encode("utf-8"), mode=0o644)
+
+    def replace(self, **changes: Any) -> ModelInfo:
+        """A copy with ``changes``, validated again (``model_copy`` would not check them)."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def identity(self) -> ModelIdentity:
         """The identity that travels with every result and every SR."""
         return ModelIdentity(name=self.name, version=self.version, demo=self.demo)
 
 
-# One check per field, in field order: each returns the normalised value or raises naming it.
-_FIELD_CHECKS = {
-    "name": _text,
-    "version": _text,
-    "classes": _classes,
-    "input_size": _input_size,
-    "window_center": _number,
-    "window_width": _width,
-    "preprocessing_version": _preprocessing,
-    "backbone": _text,
-    "dataset_manifest_hash": _sha256_hex,
-    "metrics": _json_dict,
-    "framework": _framework,
-    "created_at": _created_at,
-    "demo": _flag,
-    "description": _string,
-    "weights": _json_dict,
-}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide the bundle from the node's user
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def _explain(error: ValidationError, given: dict[str, Any]) -> str:
+    """Unknown and missing fields, then each field that breaks its rule, in field order."""
+    fields = ModelInfo.model_fields
+    bad = {e["loc"][0] for e in error.errors() if e["loc"]}
+    unknown = sorted(str(name) for name in bad if name not in fields)
+    missing = sorted(name for name in fields if name in bad and name not in given)
+    parts = [f"unknown fields {unknown}"] if unknown else []
+    parts += [f"missing fields {missing}"] if missing else []
+    for name, field in fields.items():
+        if name in bad and name in given:
+            shown = repr(given[name])
+            shown = shown if len(shown) <= 200 else f"{shown[:200]}..."
+            parts.append(f"{name} must be {field.description}, got {shown}")
+    return "; ".join(parts)
 
 
 def _gpu_visible() -> bool:
@@ -456,7 +417,7 @@ def _onnx_model(model_file: Path, info: ModelInfo) -> bytes:
     proto.metadata_props.add(key=_ONNX_SOURCE_KEY, value=source)
     data = proto.SerializeToString()
     try:
-        _write_atomically(cached, data)
+        atomic.write_bytes(cached, data, mode=0o644)
     except OSError as exc:  # a read-only bundle still serves, from memory
         log.warning("%s: cannot cache the ONNX export (%s); using it from memory", cached, exc)
     return data

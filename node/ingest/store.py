@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
-import secrets
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from node.atomic import atomic_open, fsync_folder
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -60,7 +58,7 @@ class InstanceStore:
             self._make_folder(self.root)
             for index in range(16**FANOUT_DIGITS):
                 (self.root / f"{index:0{FANOUT_DIGITS}x}").mkdir(exist_ok=True)
-            _fsync_folder(self.root)
+            fsync_folder(self.root)
         except OSError as exc:
             raise StoreError(
                 exc.errno, f"cannot prepare the store at {self.root}: {exc.strerror}", "."
@@ -93,28 +91,13 @@ class InstanceStore:
         file cannot be written; no partial file is left behind.
         """
         target = self.path(key)
-        temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        created = False
         try:
             self._make_folder(target.parent)
             size = 0
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            created = True
-            try:
+            with atomic_open(target, mode=0o640) as out:
                 for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-            _fsync_folder(target.parent)
+                    size += out.write(part)
         except OSError as exc:
-            if created:
-                _remove_quietly(temp)
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
         return size
 
@@ -134,7 +117,7 @@ class InstanceStore:
             finally:
                 os.close(fd)
             os.replace(spooled, target)
-            _fsync_folder(target.parent)
+            fsync_folder(target.parent)
         except OSError as exc:
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
         return size
@@ -180,7 +163,7 @@ class InstanceStore:
         folder.mkdir(parents=True, exist_ok=True)
         # A new folder's entry lives in its parent: sync the parents so it survives a crash.
         for created in reversed(missing):
-            _fsync_folder(created.parent)
+            fsync_folder(created.parent)
 
 
 def _process_alive(pid: int) -> bool:
@@ -191,18 +174,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:  # the store is failing already; the write's error is what matters
-        log.warning("could not remove temp file %s: %s", path, exc.strerror)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

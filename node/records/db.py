@@ -340,6 +340,7 @@ class ExportJob(Base):
     counts: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # handed out / heartbeat
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
@@ -369,3 +370,32 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def make_session_factory(engine: Engine) -> sessionmaker:
     """A session factory whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class UploadStatus(enum.StrEnum):
+    """A classification of an uploaded file, run by a worker."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class UploadJob(Base):
+    """One uploaded file to classify: its bytes wait in ``pending`` until a worker answers."""
+
+    __tablename__ = "upload_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(64), index=True)
+    file_name: Mapped[str] = mapped_column(String(128))  # shown only, never a path
+    kind: Mapped[str] = mapped_column(String(8))
+    pending: Mapped[str | None] = mapped_column(String(1024))  # the bytes, until answered
+    keep: Mapped[bool] = mapped_column(default=False)
+    kept: Mapped[str | None] = mapped_column(String(128))  # name under data_dir/uploads
+    status: Mapped[str] = mapped_column(String(16), default=UploadStatus.QUEUED, index=True)
+    answer: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

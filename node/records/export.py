@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import json
 import os
 import secrets
@@ -27,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
-from node import __version__
+from node import __version__, atomic
 from node.analysis import imaging
 from node.analysis.analyze import (
     AnalysisError,
@@ -37,6 +38,13 @@ from node.analysis.analyze import (
 )
 from node.analysis.result import CLASSES
 from node.records.db import Instance, Label, Series, Study
+from node.records.export_format import (
+    FORMAT,
+    IMAGES_FOLDER,
+    INFO_FILE,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+)
 from node.records.labels import (
     LabelConflict,
     check_keyword,
@@ -48,21 +56,7 @@ from node.settings import Settings
 if TYPE_CHECKING:
     from node.runtime import Node
 
-FORMAT = "ainode-export/1"
 SOURCE = "ainode-export"
-MANIFEST_COLUMNS = (
-    "path",
-    "label",
-    "keyword",
-    "patient",
-    "study",
-    "series",
-    "instance",
-    "slice_index",
-    "window_center",
-    "window_width",
-    "source",
-)
 KEY_HEX_CHARS = 32
 SALT_FILE = "export_salt"
 MIN_SALT_LENGTH = 16
@@ -140,6 +134,7 @@ def _create_salt_file(path: Path) -> None:
         pass  # another export made it first; that salt is the one
     finally:
         temp.unlink()
+    atomic.fsync_folder(path.parent)  # a salt lost in a crash would re-key later exports
 
 
 @dataclass(frozen=True)
@@ -236,13 +231,14 @@ def export_bundle(
             mapping = effective_keyword_classes(node.settings, session)  # one for the bundle
         summary = _write_bundle(node, temp, selection, mapping, progress)
         info = _export_info(node.settings, mapping, summary, wanted, (since, until))
-        _write_text(temp / "export.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        _write_text(temp / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above; replace cannot take a folder's place
-        os.replace(temp, out_dir)
+        os.replace(temp, out_dir)  # a folder: node.atomic renames files only
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    atomic.fsync_folder(out_dir.parent)
     summary.out_dir = out_dir
     return summary
 
@@ -290,7 +286,7 @@ def _write_bundle(
         if progress is not None:
             progress(done, len(studies))
     summary.patients = len(patients)
-    _write_manifest(folder / "manifest.csv", rows)
+    _write_manifest(folder / MANIFEST_FILE, rows)
     return summary
 
 
@@ -381,7 +377,7 @@ def _write_images(
     options: AnalysisOptions,
 ) -> list[dict]:
     """Write a study's PNGs under ``images/<Class>/`` and return their manifest rows."""
-    class_folder = folder / "images" / chosen.label
+    class_folder = folder / IMAGES_FOLDER / chosen.label
     class_folder.mkdir(parents=True, exist_ok=True)
     positions = _head_first_positions(chosen.datasets)
     study, series = keys.key(study_uid), keys.key(str(chosen.datasets[0].SeriesInstanceUID))
@@ -420,10 +416,11 @@ def _head_first_positions(datasets: Iterable[Dataset]) -> dict[int, int]:
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, out.getvalue())
 
 
 def _export_info(
@@ -455,7 +452,4 @@ def _export_info(
 
 
 def _write_text(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
+    atomic.write_text(path, text)

@@ -13,6 +13,9 @@ log = logging.getLogger(__name__)
 
 ANALYZE_STUDY = "node.tasks.analyze_study"
 SEND_REPORT = "node.tasks.send_report"
+RUN_EXPORT = "node.tasks.run_export"
+CLASSIFY_UPLOAD = "node.tasks.classify_upload"
+QUEUES = ("uploads", "reports", "analysis", "exports")  # what a worker consumes
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,7 +43,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         broker_transport_options=transport_options,
-        task_routes={ANALYZE_STUDY: {"queue": "analysis"}, SEND_REPORT: {"queue": "reports"}},
+        task_routes={
+            ANALYZE_STUDY: {"queue": "analysis"},
+            SEND_REPORT: {"queue": "reports"},
+            RUN_EXPORT: {"queue": "exports"},
+            CLASSIFY_UPLOAD: {"queue": "uploads"},
+        },
         task_default_queue="analysis",
         worker_hijack_root_logger=False,
     )

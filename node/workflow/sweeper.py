@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.records import lifecycle
 from node.records.db import Analysis, AnalysisStatus, Study, StudyStatus, utcnow
 from node.reporting.delivery import due_reports
+from node.workflow import exports, uploads
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -41,6 +42,8 @@ class DueWork:
 
     analyses: list[int]
     reports: list[int]
+    exports: list[int] = field(default_factory=list)
+    uploads: list[int] = field(default_factory=list)
 
 
 def due_work(node: Node, now: datetime | None = None) -> DueWork:
@@ -76,7 +79,9 @@ def due_work(node: Node, now: datetime | None = None) -> DueWork:
             ):
                 analyses.append(study_id)
         reports = due_reports(session, now, stale_queue)
-    return DueWork(analyses, reports)
+        handed_out = exports.due_exports(session, now, stale_queue, dead_worker)
+        classify = uploads.due_uploads(session, now, stale_queue, dead_worker)
+    return DueWork(analyses, reports, handed_out, classify)
 
 
 class Dispatcher:
@@ -86,13 +91,23 @@ class Dispatcher:
         self.node, self.app = node, app
 
     def __call__(self) -> None:
-        from node.workflow.queue import ANALYZE_STUDY, SEND_REPORT, enqueue
+        from node.workflow.queue import (
+            ANALYZE_STUDY,
+            CLASSIFY_UPLOAD,
+            RUN_EXPORT,
+            SEND_REPORT,
+            enqueue,
+        )
 
         work = due_work(self.node)
         for study_id in work.analyses:
             enqueue(self.app, ANALYZE_STUDY, study_id)
         for report_id in work.reports:
             enqueue(self.app, SEND_REPORT, report_id)
+        for job_id in work.exports:
+            enqueue(self.app, RUN_EXPORT, job_id)
+        for job_id in work.uploads:
+            enqueue(self.app, CLASSIFY_UPLOAD, job_id)
 
 
 def run(

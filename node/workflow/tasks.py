@@ -21,7 +21,7 @@ from node.reporting import delivery
 from node.reporting.sr import DeviceObserver
 from node.runtime import Node, build_node
 from node.settings import Settings
-from node.workflow import jobs
+from node.workflow import exports, jobs, uploads
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +99,31 @@ def send_report(self, report_id: int) -> None:
     except delivery.ReportRetry as exc:
         # the report row counts the attempts and decides when to stop (report_max_retries)
         raise self.retry(exc=exc, countdown=exc.delay, max_retries=None) from exc
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.run_export",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=5,
+)
+def run_export(self, job_id: int) -> None:
+    """Run an export job the web UI queued (progress and outcome go to its row)."""
+    exports.run_export_job(worker_node(self.app), job_id)
+
+
+@shared_task(
+    bind=True,
+    name="node.tasks.classify_upload",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=5,
+)
+def classify_upload(self, job_id: int) -> None:
+    """Classify a file uploaded in the web UI with the active model."""
+    uploads.classify_upload_job(worker_node(self.app), lambda: worker_state(self.app)[1], job_id)

@@ -118,7 +118,11 @@
   document.getElementById("export-start").addEventListener("click", async (event) => {
     showError("");
     event.target.disabled = true;
-    try { await send(form.dataset.startUrl, selection()); await refreshJobs(); }
+    try {
+      const started = await send(form.dataset.startUrl, selection());
+      if (started.notice) showError(started.notice);  // queued; the queue is unreachable now
+      await refreshJobs();
+    }
     catch (error) { showError(error.message); }
     finally { event.target.disabled = false; }
   });

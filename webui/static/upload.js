@@ -15,6 +15,10 @@
   let shownUrl = null;
 
   const showError = (text) => { message.textContent = text || ""; message.hidden = !text; };
+  const status = document.getElementById("upload-status");
+  const showStatus = (text) => { status.textContent = text || ""; status.hidden = !text; };
+  const POLL_MS = 400;
+  const POLL_LIMIT_MS = 10 * 60 * 1000;
   const isPicture = (file) => ["image/png", "image/jpeg"].includes(file.type)
     || /\.(png|jpe?g)$/i.test(file.name);
 
@@ -64,6 +68,20 @@
     }
   }
 
+  // A worker classifies the file; its answer is polled here (bounded: a stuck job says so).
+  async function answerOf(url) {
+    const deadline = Date.now() + POLL_LIMIT_MS;
+    while (Date.now() < deadline) {
+      const answer = await fetch(url, {credentials: "same-origin", cache: "no-store"});
+      const body = await answer.json();
+      if (!answer.ok) throw new Error(body.error || `The server answered ${answer.status}.`);
+      if (body.status === "done") return body;
+      if (body.status === "failed") throw new Error(body.error);
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+    throw new Error("No answer yet: the node's workers are busy or stopped. Try again later.");
+  }
+
   function showAnswer(result) {
     const name = document.getElementById("upload-class");
     name.textContent = result.predicted_class;
@@ -111,10 +129,13 @@
     button.disabled = true;
     try {
       const keep = document.getElementById("upload-keep").checked ? {keep: "1"} : {};
-      showAnswer(await (await post(form.dataset.classifyUrl, chosen, keep)).json());
+      const queued = await (await post(form.dataset.classifyUrl, chosen, keep)).json();
+      showStatus(queued.notice || "Classifying…");
+      showAnswer(await answerOf(queued.status_url));
     } catch (error) {
       showError(error.message);
     } finally {
+      showStatus("");
       button.disabled = false;
     }
   });

@@ -1,30 +1,33 @@
-"""Export jobs: one :class:`~node.records.db.ExportJob` row per export, run in a background thread.
+"""Export jobs, run by the workers: one :class:`~node.records.db.ExportJob` row per export.
 
-The thread takes the job's id, re-reads its parameters and writes its progress, counts and
-outcome to the row, so the page only ever reads the database. A job that the process did not
-finish (the node stopped) is recorded as failed, "interrupted", the next time jobs are listed
-or the app starts: a job is only running while this process holds its thread.
+The web UI creates the row (queued) and hands its id to the ``exports`` queue; a worker
+claims it, re-reads its parameters and writes progress (with a heartbeat), counts and
+outcome to the row, so the page only ever reads the database. The sweeper hands a queued
+job out again when its message was lost, and fails a running job whose worker stopped
+beating (``analysis_timeout_seconds``) as interrupted.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from node.records.db import ExportJob, ExportStatus, utcnow
 from node.records.export import ExportSummary, export_bundle
-from node.runtime import Node
 from node.settings import Settings
+
+if TYPE_CHECKING:
+    from node.runtime import Node
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted: the node stopped while this export ran; start it again"
+INTERRUPTED = "interrupted: the worker stopped while this export ran; start it again"
 ERROR_MAX_LENGTH = 1024
 UNFINISHED = (ExportStatus.QUEUED, ExportStatus.RUNNING)
 
@@ -68,6 +71,7 @@ def _claim(node: Node, job_id: int) -> dict | None:
         if job is None or job.status != ExportStatus.QUEUED:
             return None
         job.status = ExportStatus.RUNNING
+        job.updated_at = utcnow()
         return dict(job.parameters)
 
 
@@ -79,7 +83,9 @@ def _progress_writer(node: Node, job_id: int):
     def report(done: int, total: int) -> None:
         with node.session_factory() as session, session.begin():
             session.execute(
-                update(ExportJob).where(ExportJob.id == job_id).values(done=done, total=total)
+                update(ExportJob)
+                .where(ExportJob.id == job_id)
+                .values(done=done, total=total, updated_at=utcnow())
             )
 
     return report
@@ -117,51 +123,33 @@ def job_counts(summary: ExportSummary) -> dict:
     }
 
 
-class ExportRunner:
-    """The export jobs this process runs, one background thread each."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self._threads: dict[int, threading.Thread] = {}
-        self._lock = threading.Lock()
-
-    def submit(self, session: Session, job: ExportJob) -> None:
-        """Commit the new job (with whatever the session holds) and start its thread."""
-        with self._lock:  # a listing in between would take the job for an interrupted one
-            session.commit()
-            thread = threading.Thread(
-                target=self._run, args=(job.id,), name=f"export-{job.id}", daemon=True
+def due_exports(session: Session, now: datetime, stale: datetime, dead: datetime) -> list[int]:
+    """Queued jobs to hand out (again): their message is older than ``stale`` (lost, or the
+    broker was down when they were started); running jobs silent since ``dead`` are failed
+    as interrupted. Caller commits."""
+    due = list(
+        session.scalars(
+            select(ExportJob.id).where(
+                ExportJob.status == ExportStatus.QUEUED,
+                (ExportJob.updated_at.is_(None) | (ExportJob.updated_at <= stale)),
             )
-            self._threads[job.id] = thread
-            thread.start()
-
-    def _run(self, job_id: int) -> None:
-        try:
-            run_export_job(self.node, job_id)
-        finally:
-            with self._lock:
-                self._threads.pop(job_id, None)
-
-    def fail_interrupted(self, session: Session) -> int:
-        """Record unfinished jobs that no thread of this process runs as failed; how many."""
-        with self._lock:
-            stale = [
-                job
-                for job in session.scalars(
-                    select(ExportJob).where(ExportJob.status.in_(UNFINISHED))
-                )
-                if job.id not in self._threads
-            ]
-            for job in stale:
-                job.status, job.error, job.finished_at = ExportStatus.FAILED, INTERRUPTED, utcnow()
-            if stale:
-                session.commit()
-                log.warning("export jobs %s were interrupted", [job.id for job in stale])
-            return len(stale)
-
-    def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for each running export (shutdown, tests)."""
-        with self._lock:
-            threads = list(self._threads.values())
-        for thread in threads:
-            thread.join(timeout)
+        )
+    )
+    if due:
+        session.execute(update(ExportJob).where(ExportJob.id.in_(due)).values(updated_at=now))
+    lost = list(
+        session.scalars(
+            select(ExportJob.id).where(
+                ExportJob.status == ExportStatus.RUNNING,
+                ExportJob.updated_at <= dead,
+            )
+        )
+    )
+    if lost:
+        session.execute(
+            update(ExportJob)
+            .where(ExportJob.id.in_(lost))
+            .values(status=ExportStatus.FAILED, error=INTERRUPTED, finished_at=now)
+        )
+        log.warning("export jobs %s were interrupted", lost)
+    return due
