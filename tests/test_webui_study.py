@@ -7,7 +7,6 @@ import html
 import io
 import json
 import re
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -518,9 +517,10 @@ def test_resend_makes_the_report_due_for_the_dispatcher_and_is_audited(client, w
             None,
             None,
         )
-        assert report.next_retry_at <= before
+        assert report.next_retry_at is None and before <= report.due_at <= utcnow()
         assert db.scalars(select(Report)).all() == [report]  # the same SR, sent again
     assert due_work(web_node).reports == [reviewed.report_id]  # the next sweep sends it
+    assert due_work(web_node).reports == []  # handed out once
     (event,) = audit_events(web_node, "resend_report")
     assert event.detail["previous_status"] == "failed"
     assert event.detail["report_id"] == reviewed.report_id
@@ -561,5 +561,5 @@ def test_send_creates_a_report_when_a_destination_is_configured(web_node, review
             "pacs",
             ReportStatus.PENDING,
         )
-        assert report.next_retry_at <= utcnow() - timedelta(seconds=1)
+        assert report.next_retry_at is None and report.due_at <= utcnow()
     assert due_work(web_node).reports == [report.id]
