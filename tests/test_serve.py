@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,3 +159,40 @@ def test_studies_refuses_an_unmigrated_database(make_settings, tmp_path, capsys)
     config = write_config(make_settings(), tmp_path / "ainode.toml")
     assert main(["--config", str(config), "studies"]) == 2
     assert "run `ainode db upgrade`" in capsys.readouterr().err
+
+
+def test_ainode_web_serves_the_web_ui_alone_and_stops_on_sigterm(make_settings, tmp_path):
+    """`ainode web` is the web UI in its own process: it waits for the schema the node
+    migrated, answers on web_port, does not listen for DICOM, and stops cleanly."""
+    import urllib.request
+
+    from node.runtime import build_node
+    from tests.peers import free_port
+
+    settings = make_settings(web_port=free_port())
+    build_node(settings, migrate=True).close()  # as `ainode serve` or `ainode db upgrade` does
+    config = write_config(settings, tmp_path / "ainode.toml")
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "ainode.cli", "--config", str(config), "web"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port("127.0.0.1", settings.web_port, timeout=60)
+        url = f"http://127.0.0.1:{settings.web_port}/login"
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"Sign in" in page.read()
+        with pytest.raises(OSError):  # the SCP is not in this process
+            socket.create_connection(("127.0.0.1", settings.dicom_port), timeout=2).close()
+    finally:
+        web.send_signal(signal.SIGTERM)
+        assert web.wait(30) == 0, log.read_text()
+
+
+def test_ainode_web_refuses_to_start_with_the_web_ui_turned_off(make_settings, capsys):
+    settings = make_settings(web_port=0)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    assert main(["--config", str(write_config(settings, settings.data_dir / "a.toml")), "web"]) == 2
+    assert "web_port is 0" in capsys.readouterr().err
