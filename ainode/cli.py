@@ -342,16 +342,13 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
 
 def _add_results(session, rows: list[dict]) -> None:
     """Attach each study's latest finished analysis and report (what a user wants to see)."""
-    from node.records.db import Analysis, AnalysisStatus, Report
+    from node.records.results import latest_analysis, latest_report
 
     for row in rows:
-        analysis = session.scalars(
-            select(Analysis)
-            .join(Study, Analysis.study_id == Study.id)
-            .where(Study.study_instance_uid == row["study_instance_uid"])
-            .where(Analysis.status == AnalysisStatus.DONE)
-            .order_by(Analysis.id.desc())
-        ).first()
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == row["study_instance_uid"])
+        ).one()
+        analysis = latest_analysis(session, study.id, done=True)
         if analysis is None:
             continue
         row["result"] = {
@@ -361,9 +358,7 @@ def _add_results(session, rows: list[dict]) -> None:
             "model": f"{analysis.model_name} {analysis.model_version}",
             "slices_evaluated": analysis.slices_evaluated,
         }
-        report = session.scalars(
-            select(Report).where(Report.analysis_id == analysis.id).order_by(Report.id.desc())
-        ).first()
+        report = latest_report(session, analysis)
         if report is not None:
             row["report"] = {
                 "status": report.status,

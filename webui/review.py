@@ -4,10 +4,12 @@ answering it (a flash and the study page, or JSON)."""
 from __future__ import annotations
 
 from flask import abort, flash, jsonify, redirect, request, url_for
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.records.db import Analysis, AnalysisStatus, Report, Study
+from node.records.db import Study
+from node.records.results import latest_analysis, latest_report
+
+__all__ = ["answer", "find_study", "latest_analysis", "latest_report", "posted_fields"]
 
 
 def find_study(db: Session, study_id: int) -> Study:
@@ -16,23 +18,6 @@ def find_study(db: Session, study_id: int) -> Study:
     if study is None:
         abort(404, f"Study {study_id} doesn't exist.")
     return study
-
-
-def latest_analysis(db: Session, study_id: int, done: bool = False) -> Analysis | None:
-    """The newest analysis of a study (the newest finished one with ``done``)."""
-    query = select(Analysis).where(Analysis.study_id == study_id)
-    if done:
-        query = query.where(Analysis.status == AnalysisStatus.DONE)
-    return db.scalars(query.order_by(Analysis.id.desc()).limit(1)).first()
-
-
-def latest_report(db: Session, analysis: Analysis | None) -> Report | None:
-    """The newest SR of an analysis."""
-    if analysis is None:
-        return None
-    return db.scalars(
-        select(Report).where(Report.analysis_id == analysis.id).order_by(Report.id.desc()).limit(1)
-    ).first()
 
 
 def posted_fields() -> dict:
