@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker
 from node.ingest.part10 import DatasetMismatch, InstanceHeader, read_header
 from node.ingest.store import InstanceStore, StoreError
 from node.records import lifecycle
-from node.records.db import Instance, Series, Study, StudyStatus, utcnow
+from node.records.db import Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def _ensure_parents(connection, sql: _Statements, header: InstanceHeader, now):
             "accession_number": header.accession_number,
             "study_description": header.study_description,
             "modalities": "",
-            "status": StudyStatus.RECEIVING,
+            "status": lifecycle.INITIAL,
             "retries": 0,
             "series_count": 0,
             "instance_count": 0,

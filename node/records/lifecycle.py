@@ -1,4 +1,10 @@
-"""The study lifecycle: the one place that moves ``Study.status``."""
+"""The study lifecycle: the one place that moves ``Study.status``.
+
+Every status a study takes is set here: its first (:data:`INITIAL`, used by the ingest's
+insert), ``stable`` → ``receiving`` when an instance arrives late (:func:`status_on_arrival`,
+in the ingest's own statement), the sweeper's and the workers' moves (:func:`move_where`),
+and the allowed transitions between them (:data:`ALLOWED`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from node.records.db import Study, StudyStatus, utcnow
 log = logging.getLogger(__name__)
 
 S = StudyStatus
+INITIAL = S.RECEIVING  # a study's status when its first instance is stored
 ALLOWED: dict[StudyStatus, frozenset[StudyStatus]] = {
     S.RECEIVING: frozenset({S.STABLE, S.FAILED}),
     S.STABLE: frozenset({S.RECEIVING, S.QUEUED, S.FAILED}),
