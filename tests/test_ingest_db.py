@@ -69,6 +69,23 @@ def test_migration_creates_the_schema_at_head(database_url):
     engine.dispose()
 
 
+def test_the_migrations_build_exactly_the_models_schema(database_url):
+    """Alembic's autogenerate finds nothing to add: the migrations and node.records.db
+    describe the same tables, columns, types and indexes (on SQLite and PostgreSQL)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from node.records.db import Base
+
+    engine = make_engine(database_url)
+    schema.upgrade(engine)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        drift = compare_metadata(context, Base.metadata)
+    engine.dispose()
+    assert drift == []
+
+
 def test_ingest_records_study_series_instance_with_counts(ingestor, chest_series):
     _spec, files = chest_series
     results = [ingest(ingestor, p) for p in files[:5]]
