@@ -102,6 +102,7 @@ class NodeDIMSE(DIMSEServiceProvider):
     """
 
     _skipping = False  # dropping the data set of an unrecognised request
+    _pending_answer: tuple | None = None  # (command, context id) answered once it is read
 
     def receive_primitive(self, primitive) -> None:
         if self._skipping:
@@ -142,7 +143,7 @@ class NodeDIMSE(DIMSEServiceProvider):
             self._answer()
 
     def _answer(self) -> None:
-        pending, self._pending_answer = getattr(self, "_pending_answer", None), None
+        pending, self._pending_answer = self._pending_answer, None
         if pending is None:
             return
         command, context_id = pending
