@@ -25,7 +25,7 @@ venv() {
         python3 -m venv .venv
         .venv/bin/python -m pip install -q --upgrade pip
     fi
-    .venv/bin/python -m pip install -q -e "$1"
+    .venv/bin/python -m pip install -q -c constraints.txt -e "$1"
 }
 
 case "${1:-}" in
