@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from datetime import date, timedelta
@@ -53,7 +52,14 @@ def _setup_argparser() -> argparse.ArgumentParser:
     )
     sub.add_parser("scp", help="run only the storage SCP and the study lifecycle")
     sub.add_parser("web", help="run only the web UI (waitress, web_threads threads)")
-    sub.add_parser("worker", help="run an analysis/report worker (Celery)")
+    worker = sub.add_parser("worker", help="run an analysis/report worker (Celery)")
+    worker.add_argument(
+        "--queues",
+        help="comma-separated queues to consume: analysis, exports, reports, uploads "
+        "(default: all of them)",
+    )
+    # set by `ainode serve` for its embedded workers: end with that process
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
     classify = sub.add_parser("classify", help="classify PNG/JPG slices or DICOM files/folders")
     classify.add_argument("paths", nargs="+", type=Path)
@@ -133,7 +139,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         + (f", broker {_redacted(settings.resolved_broker_url)}" if analysis else ""),
         flush=True,
     )
-    worker = _start_worker(args) if with_worker else None
+    workers = _start_workers(args) if with_worker else None
     wants_web = analysis and args.web and settings.web_port
     web = _start_web(settings, node) if wants_web else None
     try:
@@ -142,9 +148,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if web is not None:
             web.stop()
-        if worker is not None:
-            worker.terminate()
-            worker.wait(30)
+        if workers is not None:
+            workers.stop()
         node.close()
     return 0
 
@@ -208,23 +213,55 @@ def _redacted(url: str) -> str:
         return url.split("@")[-1]
 
 
-def _start_worker(args: argparse.Namespace) -> subprocess.Popen:
+def _start_workers(args: argparse.Namespace):
+    """The embedded workers, supervised: analysis (and exports) in one process, what a
+    person waits for (reports, uploads) in another, so neither waits behind the other."""
+    from ainode.supervisor import Supervisor
+    from node.workflow.queue import WORKER_GROUPS
+
     command = [sys.executable, "-m", "ainode.cli"]
     if args.config:
         command += ["--config", str(args.config)]
-    return subprocess.Popen([*command, "worker"])
+    if args.verbose:
+        command.append("--verbose")
+    commands = {
+        ",".join(queues): [
+            *command, "worker", f"--queues={','.join(queues)}", f"--parent-pid={os.getpid()}"
+        ]
+        for queues in WORKER_GROUPS
+    }  # fmt: skip
+    return Supervisor(commands).start()
+
+
+def _queues(option: str | None) -> list[str]:
+    from node.workflow.queue import QUEUES
+
+    if not option:
+        return list(QUEUES)
+    queues = [name.strip() for name in option.split(",") if name.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown or not queues:
+        raise ValueError(f"--queues: unknown queue {', '.join(unknown)}; choose from {QUEUES}")
+    return queues
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from node.runtime import wait_for_schema
-    from node.workflow.queue import QUEUES, make_celery
+    from node.workflow import tasks
+    from node.workflow.queue import make_celery
 
+    if args.parent_pid is not None:
+        from ainode.supervisor import die_with_parent
+
+        die_with_parent(args.parent_pid)
+    queues = _queues(args.queues)
     wait_for_schema(settings)  # `ainode serve` / `ainode db upgrade` migrate; workers never do
+    tasks.use_settings(settings)  # its own configuration; the Celery conf holds no secret
     app = make_celery(settings)
     app.worker_main(
         [
             "worker",
-            f"--queues={','.join(QUEUES)}",
+            f"--queues={','.join(queues)}",
             "--pool=solo",
             "--loglevel=INFO",
             "--without-gossip",

@@ -63,6 +63,49 @@ def write_text(path: Path | str, text: str, mode: int = 0o644) -> None:
     write_bytes(path, text.encode("utf-8"), mode)
 
 
+def create_exclusive(path: Path | str, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` (permissions ``mode`` from the start, whatever the
+    umask) unless it exists; returns whether this call created it.
+
+    For a file made once and then only read (a secret key, a salt): when several processes
+    start at once, the first to link its whole, fsynced file wins and the others read that
+    one; a reader never sees it empty or half written, and no one replaces it.
+    """
+    path = Path(path)
+    temp = _temporary(path)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temp, path)  # fails if the file exists: never replaces it
+        except FileExistsError:
+            return False
+    finally:
+        temp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+    return True
+
+
+def private_folder(path: Path | str, mode: int = 0o700) -> Path:
+    """Make the folder ``path`` (and missing parents) if missing; the folder itself gets
+    ``mode`` (private to the node's user by default) whatever the umask. An existing folder
+    keeps its permissions: the operator may have chosen them."""
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode)
+        except FileExistsError:
+            return path  # made meanwhile by another process, with its own mode
+        os.chmod(path, mode)  # the umask does not narrow what was asked for
+        fsync_folder(path.parent)
+    return path
+
+
 def write_with(path: Path | str, write: Callable[[Path], None], mode: int = 0o644) -> None:
     """Replace ``path`` with what ``write(temp_path)`` writes, for libraries that insist on
     a file name of their own (Keras, Matplotlib); the result is fsynced and renamed."""

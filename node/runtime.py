@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from node import atomic
 from node.ingest.ingestor import Ingestor
 from node.ingest.store import InstanceStore
 from node.records import schema
@@ -41,6 +42,7 @@ class Node:
 
 def build_node(settings: Settings, *, migrate: bool = False) -> Node:
     """Build the node; with ``migrate`` bring the schema to head, else require it there."""
+    prepare_data_dir(settings)
     engine = make_engine(settings.resolved_database_url)
     if migrate:
         schema.upgrade(engine)
@@ -52,6 +54,21 @@ def build_node(settings: Settings, *, migrate: bool = False) -> Node:
     store = InstanceStore(settings.store_path)
     ingestor = Ingestor(store, session_factory, max_inflated_bytes=settings.max_dataset_mb * 2**20)
     return Node(settings, engine, session_factory, store, ingestor)
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Make the data folder private (0700) when it is made: it holds the database, the
+    instances, exports and uploads, all patient data, and every process of the node runs
+    as one user. An existing folder open to others is kept as the operator set it, and
+    said in the log."""
+    folder = atomic.private_folder(settings.data_dir)
+    if folder.stat().st_mode & 0o007:
+        log.warning(
+            "the data folder %s is open to every user of this machine (mode %o): it holds "
+            "patient data; `chmod 700` it",
+            folder,
+            folder.stat().st_mode & 0o777,
+        )
 
 
 def wait_for_schema(settings: Settings, timeout: float = 60.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -95,8 +96,16 @@ class Settings(BaseSettings):
     slice_stride: int = Field(1, ge=1)
     min_lung_fraction: float = Field(0.05, ge=0, le=1)
     aggregation_rule: str = Field("top-mean", pattern="^(mean|top-mean)$")
+    # Pixel data is refused before it is decoded when it declares more than these (a few
+    # bytes can claim gigabytes; a codec allocates what is declared). CT is 512 pixels a
+    # side (1024 at most); a chest Enhanced CT is under 1000 frames of 512×512 16-bit
+    # (under 512 MB); decoding takes about 5× the decoded size (copy, float32 HU, mask).
+    max_image_side: int = Field(4096, ge=1, le=65535)  # Rows and Columns
+    max_frames: int = Field(2048, ge=1)  # Number of Frames of one instance
+    max_decoded_mb: int = Field(512, ge=1)  # Rows × Columns × frames × samples × bytes
     requeue_after_seconds: float = Field(120.0, gt=0)
-    analysis_timeout_seconds: float = Field(1800.0, gt=0)
+    analysis_timeout_seconds: float = Field(1800.0, gt=0)  # with no heartbeat: worker lost
+    analysis_max_attempts: int = Field(3, ge=1)  # abandoned runs before the study fails
     # labels, exports and the model registry
     keyword_classes: dict[str, str | None] = Field(
         default_factory=lambda: {
@@ -114,11 +123,20 @@ class Settings(BaseSettings):
     web_secret_key: str | None = Field(None, min_length=32)
     web_secure_cookies: bool = True
     web_threads: int = Field(8, ge=1, le=64)
+    # the reverse proxy in front of the web UI, if any: only its X-Forwarded-For is believed
+    web_trusted_proxy: str | None = None
+    web_sign_in_free_failures: int = Field(5, ge=1)  # per client address, then delays
+    web_sign_in_account_free_failures: int = Field(20, ge=1)  # per user name, then delays
+    web_sign_in_max_delay_seconds: float = Field(900.0, gt=0)
+    export_retention_days: float = Field(7.0, gt=0)  # finished export bundles, then deleted
     # reports
     report_peer: str | None = None
     report_method: str = Field("dimse", pattern="^(dimse|stow)$")
-    report_max_retries: int = Field(8, ge=0)
+    report_max_retries: int | None = Field(None, ge=0)  # deprecated: report_retry_hours
     report_retry_seconds: float = Field(10.0, gt=0)
+    # A PACS down over a weekend still gets its SRs without anyone pressing Re-send.
+    report_retry_hours: float = Field(72.0, gt=0)
+    report_lease_seconds: float = Field(600.0, gt=0)  # a send this old lost its worker
 
     @classmethod
     def settings_customise_sources(
@@ -178,6 +196,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "tls_require_client_certificate needs tls_ca_bundle (the CAs that sign the "
                 "PACS's certificates)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _deprecated(self) -> Settings:
+        if self.report_max_retries is not None:
+            logging.getLogger(__name__).warning(
+                "report_max_retries is deprecated and ignored: a failed SR delivery is retried "
+                "for report_retry_hours (%g h)",
+                self.report_retry_hours,
             )
         return self
 

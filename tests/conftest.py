@@ -19,6 +19,16 @@ pytest_plugins = ["tests.webui"]  # web UI app and signed-in client fixtures
 TEST_CALLING_AES = ["STORESCU", "TESTSCU", "ECHOSCU", "ORTHANC"]
 
 
+@pytest.fixture(autouse=True)
+def _default_data_dir(tmp_path, monkeypatch) -> Path:
+    """The default data folder (commands run without settings) is the test's own, never the
+    home folder's: a database left there by one test (or by the user) changes what another
+    sees."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.delenv("AINODE_DATA_DIR", raising=False)
+    return tmp_path / "xdg-data" / "ainode"
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory) -> Iterator[PostgresServer]:
     """A private PostgreSQL server for the whole session."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,9 @@ class NodeProcesses:
 
     def kill(self, name: str) -> None:
         self.procs.pop(name).send_signal(signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def logs(self) -> str:
         return "\n".join(
@@ -165,20 +170,6 @@ def test_orthanc_push_is_analysed_by_a_celery_worker_on_redis_and_the_sr_files_i
         procs.stop_all()
 
 
-def test_embedded_default_needs_no_broker_server(make_settings, orthanc, tmp_path, demo_info):
-    settings, config = node_config(make_settings, orthanc, tmp_path)
-    assert settings.broker_url is None
-    procs = NodeProcesses(config, tmp_path)
-    try:
-        procs.start("serve", "serve")  # starts its own worker on the SQLite broker
-        wait_for_port("127.0.0.1", settings.dicom_port, 60)
-        study_uid, _files = push_phantom(orthanc, tmp_path, seed=23)
-        [sr] = wait_until(lambda: sr_in_orthanc(orthanc, study_uid), 240, "SR", procs.logs)
-        check_sr(sr, study_uid, demo_info)
-    finally:
-        procs.stop_all()
-
-
 def rows(settings, model) -> list:
     """All rows of one table (Analysis or Report), oldest first, from the node's database."""
     from node.runtime import build_node
@@ -205,6 +196,37 @@ def reports(settings) -> list[Report]:
     return rows(settings, Report)
 
 
+def running_analysis(engine) -> bool:
+    """An analysis run is open (claimed, not finished), read straight from the database."""
+    with engine.connect() as connection:
+        return bool(
+            connection.scalars(select(Analysis.id).where(Analysis.status == "running")).first()
+        )
+
+
+def kill_mid_analysis(settings, pid: int, logs) -> None:
+    """SIGKILL worker ``pid`` while it is analysing: wait for the open analysis run, freeze
+    the worker (SIGSTOP), check the run is still open, then kill it. Deterministic: a
+    stopped worker cannot finish the run between the check and the kill."""
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        wait_until(lambda: running_analysis(engine), 180, "analysis to start", logs, every=0.05)
+        os.kill(pid, signal.SIGSTOP)
+        assert running_analysis(engine), "the analysis ended before the worker was stopped"
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        engine.dispose()
+
+
+def assert_analysed_and_reported_once(settings) -> None:
+    runs = analyses(settings)
+    outcomes = [(a.status, a.error) for a in runs]
+    assert [a.status for a in runs].count("done") == 1, outcomes
+    assert "abandoned" in {a.status for a in runs}, outcomes  # the kill landed mid-analysis
+    assert {a.status for a in runs} <= {"done", "abandoned"}, outcomes
+    assert len(reports(settings)) == 1
+
+
 def test_worker_killed_mid_analysis_the_study_completes_once_after_restart(
     make_settings, orthanc, redis, tmp_path, demo_info
 ):
@@ -214,32 +236,120 @@ def test_worker_killed_mid_analysis_the_study_completes_once_after_restart(
     procs = NodeProcesses(config, tmp_path)
     try:
         procs.start("serve", "serve", "--no-worker")
-        procs.start("worker", "worker")
+        worker = procs.start("worker", "worker")
         wait_for_port("127.0.0.1", settings.dicom_port, 60)
         study_uid, _files = push_phantom(orthanc, tmp_path, slices=60, seed=24)
-        # The worker loads its model before it claims the study, so "analyzing" lasts only
-        # as long as inference (a few seconds): watch the database itself, closely.
-        engine = make_engine(settings.resolved_database_url)
-        try:
-            wait_until(
-                lambda: study_statuses(engine) == ["analyzing"],
-                180,
-                "analysis to start",
-                procs.logs,
-                every=0.05,
-            )
-        finally:
-            engine.dispose()
+        kill_mid_analysis(settings, worker.pid, procs.logs)
         procs.kill("worker")
         procs.start("worker2", "worker")
         [sr] = wait_until(lambda: sr_in_orthanc(orthanc, study_uid), 240, "SR", procs.logs)
         check_sr(sr, study_uid, demo_info)
-        runs = analyses(settings)
-        assert [a.status for a in runs].count("done") == 1, [(a.status, a.error) for a in runs]
-        assert {a.status for a in runs} <= {"done", "abandoned"}
-        assert len(reports(settings)) == 1
+        assert_analysed_and_reported_once(settings)
     finally:
         procs.stop_all()
+
+
+def serve_workers(procs: NodeProcesses) -> dict[str, int]:
+    """The embedded workers `ainode serve` says it (re)started: {queues: latest pid}."""
+    found = re.findall(r"worker (\S+) (?:started|restarted) \(pid (\d+)\)", procs.log("serve"))
+    return {name: int(pid) for name, pid in found}
+
+
+def test_embedded_default_needs_no_broker_server_and_restarts_a_killed_worker(
+    make_settings, orthanc, tmp_path, demo_info
+):
+    """`ainode serve` alone (SQLite broker, its own workers): its analysis worker killed
+    mid-analysis is restarted by serve, and the study is still analysed and reported once."""
+    settings, config = node_config(make_settings, orthanc, tmp_path, analysis_timeout_seconds=6)
+    assert settings.broker_url is None
+    procs = NodeProcesses(config, tmp_path)
+    try:
+        serve = procs.start("serve", "serve")  # starts its own workers on the SQLite broker
+        wait_for_port("127.0.0.1", settings.dicom_port, 60)
+        study_uid, _files = push_phantom(orthanc, tmp_path, slices=60, seed=23)
+        killed = serve_workers(procs)["analysis,exports"]
+        kill_mid_analysis(settings, killed, procs.logs)
+        wait_until(
+            lambda: serve_workers(procs)["analysis,exports"] != killed,
+            60,
+            "serve to restart its worker",
+            procs.logs,
+        )
+        assert f"(pid {killed}) ended unexpectedly (killed by SIGKILL)" in procs.log("serve")
+        [sr] = wait_until(lambda: sr_in_orthanc(orthanc, study_uid), 240, "SR", procs.logs)
+        check_sr(sr, study_uid, demo_info)
+        assert_analysed_and_reported_once(settings)
+        workers = serve_workers(procs).values()
+        procs.stop_all()  # SIGTERM: serve stops its workers and exits cleanly
+        assert serve.returncode == 0, procs.logs()
+        assert all(process_gone(pid) for pid in workers)
+    finally:
+        procs.stop_all()
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its exit status left (a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def task_ends(procs: NodeProcesses, task: str) -> int:
+    """How many runs of ``task`` the worker logs say have ended (succeeded, retried, raised)."""
+    pattern = rf"Task {re.escape(task)}\[[^\]]+\] (?:succeeded|retry|raised)"
+    return sum(len(re.findall(pattern, procs.log(name))) for name in ("worker1", "worker2"))
+
+
+def test_two_workers_race_for_one_study_and_one_report_on_postgresql_and_redis(
+    make_settings, postgres, redis, tmp_path
+):
+    """The production layout: PostgreSQL, Redis, `serve --no-worker` and two workers, each
+    handed the same study and the same report: one analysis, one SR at the peer."""
+    from node.settings import Peer
+    from node.workflow.queue import ANALYZE_STUDY, SEND_REPORT, enqueue, make_celery
+
+    database = postgres.create_database("ainode_e2e_race")
+    sr_port = free_port()
+    settings = make_settings(
+        database_url=database,
+        broker_url=redis.url,
+        peers=[Peer(name="archive", ae_title="ARCHIVE", port=sr_port)],
+        report_peer="archive",
+        study_stable_seconds=2,
+        requeue_after_seconds=3,
+        report_retry_seconds=1,
+    )
+    config = write_config(settings, tmp_path / "ainode.toml")
+    archive = storescp(sr_port, tmp_path / "archive", aet="ARCHIVE")
+    procs = NodeProcesses(config, tmp_path)
+    app = make_celery(settings)
+    try:
+        procs.start("serve", "serve", "--no-worker")
+        wait_for_port("127.0.0.1", settings.dicom_port, 60)
+        procs.start("worker1", "worker")
+        procs.start("worker2", "worker")
+        spec = phantom.PhantomSpec(finding="covid", slices=24, seed=26, patient_id="E2E26")
+        files = phantom.write_series(spec, tmp_path / "study")
+        assert storescu("127.0.0.1", settings.dicom_port, files).returncode == 0
+        [study] = wait_until(lambda: rows(settings, Study), 30, "the study", procs.logs)
+        wait_until(lambda: rows(settings, Study)[0].status != "receiving", 60, "stable", procs.logs)
+        assert enqueue(app, ANALYZE_STUDY, study.id)  # the second worker's copy
+        [report] = wait_until(lambda: reports(settings), 240, "the report", procs.logs)
+        assert enqueue(app, SEND_REPORT, report.id)  # the second worker's copy
+        wait_until(lambda: task_ends(procs, ANALYZE_STUDY) >= 2, 120, "both analyses", procs.logs)
+        wait_until(lambda: task_ends(procs, SEND_REPORT) >= 2, 120, "both sends", procs.logs)
+        wait_until(lambda: reports(settings)[0].status == "sent", 120, "delivery", procs.logs)
+        assert [a.status for a in analyses(settings)] == ["done"]
+        assert rows(settings, Study)[0].status == "reported"
+        received = list((tmp_path / "archive").glob("*.dcm"))
+        assert len(received) == 1, received
+        assert dcmread(received[0]).SOPInstanceUID == reports(settings)[0].sop_instance_uid
+    finally:
+        procs.stop_all()
+        stop_process(archive)
+        postgres.drop_database("ainode_e2e_race")
 
 
 def test_ingest_goes_on_while_redis_is_down_and_analysis_follows_when_it_returns(

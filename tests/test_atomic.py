@@ -120,3 +120,26 @@ def test_fsync_folder_accepts_a_folder_and_refuses_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         atomic.fsync_folder(tmp_path / "file")
+
+
+def test_create_exclusive_writes_once_and_never_replaces(tmp_path):
+    target = tmp_path / "key"
+    previous = os.umask(0o022)
+    try:
+        assert atomic.create_exclusive(target, b"first", mode=0o600) is True
+        assert atomic.create_exclusive(target, b"second", mode=0o600) is False
+    finally:
+        os.umask(previous)
+    assert (target.read_bytes(), _mode(target)) == (b"first", 0o600)
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]
+
+
+def test_private_folder_is_0700_whatever_the_umask_and_keeps_an_existing_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        made = atomic.private_folder(tmp_path / "a" / "data")
+        (tmp_path / "open").mkdir(mode=0o755)
+        kept = atomic.private_folder(tmp_path / "open")
+    finally:
+        os.umask(previous)
+    assert (_mode(made), _mode(kept)) == (0o700, 0o755)

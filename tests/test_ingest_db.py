@@ -192,7 +192,7 @@ def test_stability_is_computed_from_committed_times_after_a_restart(
     [
         (StudyStatus.RECEIVING, StudyStatus.ANALYZED),
         (StudyStatus.RECEIVING, StudyStatus.REPORTED),
-        (StudyStatus.REPORTED, StudyStatus.RECEIVING),
+        (StudyStatus.REPORTED, StudyStatus.ANALYZING),
     ],
 )
 def test_lifecycle_refuses_skipping_steps(start, to):
@@ -242,3 +242,58 @@ def test_file_without_row_is_written_again_on_resend(ingestor, chest_series):
     assert ingest(ingestor, files[0]).outcome == Outcome.STORED
     assert split_part10(ingestor.store.read(key))[1] == body
     assert study_row(ingestor).instance_count == 1
+
+
+def test_upgrading_an_sqlite_node_to_text_values_keeps_every_row(tmp_path):
+    """Migration 0006 rewrites declared types in place: a table copy would drop ``study``
+    and, through ON DELETE CASCADE, every series and instance with it."""
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    schema.upgrade(engine, "0005")
+    now = T0.isoformat()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO study (id, study_instance_uid, modalities, status, retries,"
+                " series_count, instance_count, first_received_at, last_received_at,"
+                " status_changed_at) VALUES (1, '1.2.3', 'CT', 'receiving', 0, 1, 1, :t, :t, :t)"
+            ),
+            {"t": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO series (id, study_id, series_instance_uid, instance_count,"
+                " first_received_at, last_received_at) VALUES (1, 1, '1.2.3.4', 1, :t, :t)"
+            ),
+            {"t": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO instance (series_id, sop_instance_uid, sop_class_uid,"
+                " transfer_syntax_uid, store_key, size_bytes, received_at)"
+                " VALUES (1, '1.2.3.4.5', '1.2', '1.2.840.10008.1.2.1', 'k', 1, :t)"
+            ),
+            {"t": now},
+        )
+    from alembic import command
+
+    config = schema.alembic_config(engine.url.render_as_string(hide_password=False))
+
+    def instances() -> int:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT count(*) FROM instance")).scalar()
+
+    schema.upgrade(engine, "0006")
+    assert instances() == 1
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0005")
+    assert instances() == 1
+    schema.upgrade(engine)
+    with make_session_factory(engine)() as session:
+        assert len(session.scalars(select(Instance)).all()) == 1
+        assert session.scalars(select(Series)).one().series_instance_uid == "1.2.3.4"
+        session.add(Study(study_instance_uid="x" * 100, accession_number="A" * 40))
+        session.commit()
+    engine.dispose()

@@ -66,3 +66,12 @@ def test_the_compose_commands_are_commands_of_the_cli():
     for command in commands:
         argv = [part.strip().strip('"') for part in command.split(",")]
         parser.parse_args(argv)  # exits (SystemExit) on an unknown command or option
+
+
+def test_every_node_process_in_compose_is_restarted_when_it_dies():
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    services = re.split(r"^  (?=\w)", compose, flags=re.M)[1:]
+    node_services = [s for s in services if 'command: ["ainode"' in s]
+    assert len(node_services) >= 3
+    for service in node_services:
+        assert re.search(r"^    restart: (unless-stopped|always)$", service, re.M), service

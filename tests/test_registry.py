@@ -195,8 +195,8 @@ def test_pinned_model_dir_wins_and_activate_warns(make_settings, monkeypatch, ca
 
 def test_worker_reloads_only_when_the_active_model_changes(settings):
     built = build_node(settings, migrate=True)
-    app = SimpleNamespace(conf=SimpleNamespace(ainode_settings=settings.model_dump(mode="json")))
-    tasks._worker.clear()
+    app = SimpleNamespace(conf=SimpleNamespace())  # the worker's settings are not in its conf
+    tasks.use_settings(settings)
     try:
         _node, first = tasks.worker_state(app)
         assert first.info.identity().name == "ainode-demo-phantom"
@@ -212,6 +212,7 @@ def test_worker_reloads_only_when_the_active_model_changes(settings):
         assert third is not second and third.info.description == "retrained"
     finally:
         tasks._worker.clear()
+        tasks._configured.clear()
         built.close()
 
 

@@ -429,3 +429,59 @@ def test_unknown_dimse_command_is_answered_and_the_association_carries_on(
     assert "0 stored, 0 refused" in wait_for_log(
         caplog, "association from TESTSCU@127.0.0.1 released"
     )
+
+
+# --------------------------------------------------------------------------- calling AE
+
+
+def associate_as(port: int, calling_ae: str):
+    """A pynetdicom association offering Verification, calling as ``calling_ae``."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="AINODE")
+
+
+def test_a_peers_ae_title_is_allowed_and_any_other_is_rejected(make_settings, caplog):
+    """The allow-list is allowed_calling_aes plus every peer's AE title: a PACS configured
+    as a peer may send without being listed twice; an AE neither listed nor a peer gets
+    A-ASSOCIATE-RJ permanent / service user / calling AE title not recognised."""
+    from node.settings import Peer
+
+    caplog.set_level(logging.WARNING, logger="node.dicom.scp")
+    pacs = Peer(name="pacs", ae_title="PACSAE", port=free_port())
+    with running_scp(make_settings, allowed_calling_aes=["LISTED"], peers=[pacs]) as (node, _):
+        port = node.settings.dicom_port
+        accepted = echoscu("127.0.0.1", port, calling_ae="PACSAE")  # DCMTK
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        assert echoscu("127.0.0.1", port, calling_ae="LISTED").returncode == 0
+
+        refused = echoscu("127.0.0.1", port, calling_ae="STRANGER")
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        association = associate_as(port, "STRANGER2")  # pynetdicom: the reason's codes
+        assert association.is_rejected
+        answer = association.acceptor.primitive
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
+    line = wait_for_log(caplog, "association from STRANGER2@127.0.0.1 rejected")
+    assert line.endswith("calling AE 'STRANGER2' not recognised (allowed: LISTED, PACSAE)")
+    assert not [r for r in caplog.records if "PACSAE@" in r.getMessage()]
+
+
+def test_accept_any_calling_ae_accepts_an_unknown_ae_and_says_so(make_settings, caplog):
+    caplog.set_level(logging.INFO, logger="node.dicom.scp")
+    settings = {"allowed_calling_aes": ["LISTED"], "accept_any_calling_ae": True}
+    with running_scp(make_settings, **settings) as (node, _server):
+        port = node.settings.dicom_port
+        unknown = echoscu("127.0.0.1", port, calling_ae="STRANGER")
+        assert unknown.returncode == 0, unknown.stdout + unknown.stderr
+        association = associate_as(port, "LISTED")
+        assert association.is_established
+        assert association.send_c_echo().Status == 0
+        association.release()
+        wait_for_log(caplog, "association from LISTED@127.0.0.1 released")
+    line = wait_for_log(caplog, "association from STRANGER@127.0.0.1 accepted")
+    assert line.endswith("calling AE not in the allow-list (accept_any_calling_ae)")
+    said = [r.getMessage() for r in caplog.records if "not in the allow-list" in r.getMessage()]
+    assert said == [line]  # a listed AE is not remarked on
+    assert not [r for r in caplog.records if "rejected" in r.getMessage()]

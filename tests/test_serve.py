@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +198,73 @@ def test_ainode_web_refuses_to_start_with_the_web_ui_turned_off(make_settings, c
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert main(["--config", str(write_config(settings, settings.data_dir / "a.toml")), "web"]) == 2
     assert "web_port is 0" in capsys.readouterr().err
+
+
+def worker_pids(log_path) -> dict[str, int]:
+    """The embedded workers `ainode serve` says it started: {queues: pid}, latest first."""
+    found = {}
+    for name, pid in re.findall(
+        r"worker (\S+) (?:started|restarted) \(pid (\d+)\)", log_path.read_text(errors="replace")
+    ):
+        found[name] = int(pid)
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its exit status left (a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_until(condition, timeout: float, what: str, log_path=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(
+        f"timed out waiting for {what}\n" + (log_path.read_text() if log_path else "")
+    )
+
+
+def test_serve_runs_reports_apart_from_analysis_and_its_workers_die_with_it(
+    make_settings, tmp_path
+):
+    """The embedded workers: analysis and exports in one process, reports and uploads in
+    another; SIGKILL of `ainode serve` leaves no orphan worker behind."""
+    settings = make_settings()
+    config = write_config(settings, tmp_path / "ainode.toml")
+    log = tmp_path / "serve.log"
+    with log.open("ab") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "ainode.cli", "--config", str(config), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        wait_until(
+            lambda: log.read_text(errors="replace").count(" ready.") == 2, 120, "workers", log
+        )
+        pids = worker_pids(log)
+        assert set(pids) == {"analysis,exports", "reports,uploads"}, log.read_text()
+        for name, pid in pids.items():
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert f"--queues={name}".encode() in command
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(10)
+        wait_until(
+            lambda: all(process_gone(pid) for pid in pids.values()), 20, "workers to end", log
+        )
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(10)
+        for pid in worker_pids(log).values():
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)

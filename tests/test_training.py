@@ -194,11 +194,14 @@ def test_fit_killed_mid_shard_resumes_from_its_checkpoint(trained, tmp_path):
     while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
         assert first.poll() is None, first.stdout.read().decode()
         assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the next shard
+        time.sleep(0.05)
+    # Freeze the fit at once (it is past its first checkpoint, into the next shard), read the
+    # checkpoint it has, then kill it: nothing can finish between the read and the kill.
+    first.send_signal(signal.SIGSTOP)
+    assert first.poll() is None, "the fit ended before it could be killed"
+    done_before = json.loads(state.read_text())["epoch"]
     first.send_signal(signal.SIGKILL)
     first.wait()
-    done_before = json.loads(state.read_text())["epoch"]
     shards = len(json.loads((run / "prepare.json").read_text())["shards"]["train"])
     assert 1 <= done_before < 3 * shards
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

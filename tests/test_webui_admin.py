@@ -10,10 +10,11 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node import phantom
+from node.records import audit
 from node.records.db import AuditEvent, KeywordClass, User, utcnow
 from node.records.export import export_bundle
 from node.records.labels import add_label, effective_keyword_classes
-from tests.webui import PASSWORDS, csrf_token
+from tests.webui import PASSWORDS, csrf_token, sign_in
 
 SETTINGS_MAPPING = {
     "COVID": "Covid_19",
@@ -79,8 +80,7 @@ def test_radiologists_cannot_change_anything(client, web_node, url, fields):
 def test_audit_trail_lists_events_newest_first_and_filters(client, admin_client, web_node):
     # the radiologist signed in first, then the admin
     page = admin_client.get("/admin")
-    rows = re.findall(r"<tr>\s*<td>[^<]+</td>\s*<td>([^<]+)</td>\s*<td><span", page.text)
-    assert rows == ["ad.min", "dr.rad"]
+    assert audit_rows(page.text) == [("ad.min", "127.0.0.1"), ("dr.rad", "127.0.0.1")]
     only_rad = admin_client.get("/admin?user=dr.rad&action=login").text
     assert "dr.rad" in only_rad and "<td>ad.min</td>" not in only_rad
     assert "1 event," in only_rad
@@ -89,6 +89,30 @@ def test_audit_trail_lists_events_newest_first_and_filters(client, admin_client,
     tomorrow = (utcnow() + timedelta(days=1)).date().isoformat()
     assert "No event matches." in admin_client.get(f"/admin?since={tomorrow}").text
     assert "2 events" in admin_client.get(f"/admin?until={tomorrow}").text
+
+
+def audit_rows(html: str) -> list[tuple[str, str]]:
+    """(user, client address) of each row of the audit trail, as shown."""
+    return re.findall(
+        r'<tr>\s*<td>[^<]+</td>\s*<td>([^<]+)</td>\s*<td class="address">([^<]+)</td>', html
+    )
+
+
+def test_audit_trail_shows_where_each_event_came_from(app, web_node):
+    clients = {}
+    for role, address in (("radiologist", "192.0.2.10"), ("admin", "192.0.2.20")):
+        clients[role] = app.test_client()
+        clients[role].environ_base["REMOTE_ADDR"] = address
+        sign_in(clients[role], role)
+    with web_node.session_factory() as db, db.begin():
+        audit.record(db, "cli:root", "user_add", user="dr.new", role="radiologist")
+    page = clients["admin"].get("/admin")
+    assert page.status_code == 200
+    assert audit_rows(page.text) == [
+        ("cli:root", "command line"),
+        ("ad.min", "192.0.2.20"),
+        ("dr.rad", "192.0.2.10"),
+    ]
 
 
 def test_audit_trail_is_paginated(admin_client, web_node):

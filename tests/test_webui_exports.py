@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 import zipfile
 from datetime import timedelta
@@ -19,6 +20,7 @@ from node.records.db import AuditEvent, ExportJob, ExportStatus, utcnow
 from node.records.export import export_bundle
 from node.records.labels import add_label
 from node.runtime import build_node
+from node.workflow.exports import exports_root
 from node.workflow.sweeper import due_work
 from tests.peers import free_port
 from tests.webui import add_accounts, csrf_token, running_worker, sign_in
@@ -114,10 +116,17 @@ def test_preview_counts_studies_patients_and_instances_per_class(client, labelle
     assert counts["instances"] == dict.fromkeys(("Covid_19", "Normal", "Pneumonia"), SLICES)
     assert (counts["selected"], counts["exported"]) == (4, 3)
     assert counts["not_exported"] == {"excluded from training": 1}
-    # nothing was written: no job, no folder
+    # nothing was written: no job, no folder; the look at the data is audited
     assert not (labelled.settings.data_dir / "exports").exists()
     with labelled.session_factory() as db:
         assert db.scalars(select(ExportJob)).all() == []
+        events = db.scalars(select(AuditEvent)).all()
+    assert [(e.username, e.action, e.client_address, e.detail) for e in events][-1] == (
+        "dr.rad",
+        "export_preview",
+        "127.0.0.1",
+        {"keywords": [], "classes": [], "since": None, "until": None, "selected": 4},
+    )
 
 
 @pytest.mark.parametrize(
@@ -303,3 +312,55 @@ def test_anonymous_is_sent_to_sign_in(anonymous, url):
     answer = anonymous.get(url)
     assert answer.status_code == 302
     assert answer.headers["Location"].startswith("/login")
+
+
+def finished_job(node, requested_by: str, finished_days_ago: float) -> tuple[int, Path]:
+    """A done export of ``requested_by`` with a bundle on disk, finished that long ago."""
+    finished = utcnow() - timedelta(days=finished_days_ago)
+    with node.session_factory() as db, db.begin():
+        job = ExportJob(requested_by=requested_by, status=ExportStatus.DONE, parameters={}, total=1)
+        db.add(job)
+        db.flush()
+        folder = exports_root(node.settings) / f"{job.id}-{finished:%Y%m%dT%H%M%SZ}"
+        (folder / "Normal").mkdir(parents=True)
+        (folder / "manifest.csv").write_text("path\n")
+        job.folder, job.finished_at = str(folder), finished
+        return job.id, folder
+
+
+def test_an_export_is_seen_only_by_who_started_it_and_by_admins(client, admin_client, labelled):
+    job_id, _folder = finished_job(labelled, "dr.other", 0)
+    assert client.get("/exports/jobs").get_json()["jobs"] == []
+    for url in (f"/exports/{job_id}", f"/exports/{job_id}/download"):
+        answer = client.get(url)
+        assert answer.status_code == 404, url
+        assert f"Export {job_id} doesn&#39;t exist." in answer.text
+    assert f"/exports/{job_id}/download" not in client.get("/exports").text
+    with labelled.session_factory() as db:
+        denied = db.scalars(select(AuditEvent).where(AuditEvent.action == "export_denied")).all()
+    assert [(e.username, e.client_address, e.detail) for e in denied] == [
+        ("dr.rad", "127.0.0.1", {"job": job_id, "owner": "dr.other"})
+    ] * 2
+    listed = admin_client.get("/exports/jobs").get_json()["jobs"]
+    assert [(j["id"], j["requested_by"]) for j in listed] == [(job_id, "dr.other")]
+    download = admin_client.get(f"/exports/{job_id}/download")
+    assert download.status_code == 200 and download.mimetype == "application/zip"
+
+
+def test_bundles_past_retention_are_deleted_by_the_sweeper_and_shown_expired(client, labelled):
+    retention = labelled.settings.export_retention_days
+    old_id, old_folder = finished_job(labelled, "dr.rad", retention + 1)
+    new_id, new_folder = finished_job(labelled, "dr.rad", retention - 1)
+    due_work(labelled)  # one pass of the sweeper
+    assert not old_folder.exists() and new_folder.is_dir()
+    jobs = {j["id"]: j for j in client.get("/exports/jobs").get_json()["jobs"]}
+    assert (jobs[old_id]["status"], jobs[old_id]["download"]) == ("expired", None)
+    assert (jobs[new_id]["status"], jobs[new_id]["download"]) == (
+        "done",
+        f"/exports/{new_id}/download",
+    )
+    gone = client.get(f"/exports/{old_id}/download")
+    assert gone.status_code == 404
+    assert f"Export {old_id} has expired: its files were deleted {retention:g} days" in gone.text
+    page = client.get("/exports").text
+    assert re.search(rf'<tr data-status="expired">\s*<td>{old_id}</td>', page)

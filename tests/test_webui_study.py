@@ -254,6 +254,27 @@ def test_slice_png_is_node_imaging_windowing_head_first(
         np.testing.assert_array_equal(png_pixels(answer), expected_pixels(path, window))
 
 
+def test_reading_a_study_is_audited_once_per_page_and_once_an_hour_for_slices(
+    client, web_node, reviewed
+):
+    client.environ_base["REMOTE_ADDR"] = "192.0.2.33"
+    assert client.get(f"/studies/{reviewed.study_id}").status_code == 200
+    for n in (0, 1, 2, 1):  # scrolling
+        assert client.get(f"/studies/{reviewed.study_id}/slices/{n}.png").status_code == 200
+    assert client.get(f"/studies/{reviewed.study_id}").status_code == 200
+    with web_node.session_factory() as db:
+        events = db.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.action.in_(("study_view", "slice_view")))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [(e.username, e.action, e.study_id, e.client_address) for e in events] == [
+        ("dr.rad", "study_view", reviewed.study_id, "192.0.2.33"),
+        ("dr.rad", "slice_view", reviewed.study_id, "192.0.2.33"),
+        ("dr.rad", "study_view", reviewed.study_id, "192.0.2.33"),
+    ]
+
+
 def test_presets_and_custom_window_differ(client, reviewed):
     base = f"/studies/{reviewed.study_id}/slices/6.png"
     images = [

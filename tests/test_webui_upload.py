@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -17,9 +18,11 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import MRImageStorage
+from sqlalchemy import select
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ainode.cli import main  # noqa: E402
 from node import phantom  # noqa: E402
 from node.analysis import imaging  # noqa: E402
 from node.analysis.bundle import (
@@ -29,9 +32,10 @@ from node.analysis.bundle import (
 from node.analysis.classify import MAX_PIXELS  # noqa: E402
 from node.analysis.result import CLASSES  # noqa: E402
 from node.records import registry  # noqa: E402
-from node.records.db import UploadJob, UploadStatus, utcnow  # noqa: E402
+from node.records.db import AuditEvent, UploadJob, UploadStatus, utcnow  # noqa: E402
 from node.workflow import uploads  # noqa: E402
 from node.workflow.sweeper import due_work  # noqa: E402
+from tests.config import write_config  # noqa: E402
 from tests.webui import csrf_token, running_worker, sign_in  # noqa: E402
 
 pytestmark = [
@@ -90,6 +94,10 @@ def _huge(ds):
 
 
 TOO_LARGE = f"too large to classify (at most {MAX_PIXELS:,} pixels are accepted)"
+DICOM_TOO_LARGE = (  # 16384² × 2 bytes = 512 MB; the side is over the limit
+    "16384×16384 pixels of 16 bits, 512 MB decoded: too large to classify "
+    "(limits: max_image_side 4096, max_frames 2048, max_decoded_mb 512)"
+)
 
 
 def post_file(client, url: str, data: bytes, name: str = "slice", **fields):
@@ -131,13 +139,22 @@ def test_page_names_the_active_model_and_marks_the_demo(client):
     assert "DEMO" in page.text
 
 
+def cli_answer(settings, path: Path, tmp_path: Path, capsys) -> dict:
+    """What ``ainode classify --json`` says of ``path`` on the same node (same model)."""
+    config = write_config(settings, tmp_path / "cli.toml")
+    capsys.readouterr()
+    assert main(["--config", str(config), "classify", "--json", str(path)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize(
     ("kind", "name"), [("png", "slice.png"), ("jpeg", "slice.jpg"), ("dicom", "IM0001")]
 )
 def test_upload_is_classified_by_the_active_model_and_not_stored(
-    client, web_node, ct_slice, kind, name
+    client, web_node, ct_slice, kind, name, tmp_path, capsys
 ):
     data = dicom_bytes(ct_slice) if kind == "dicom" else picture(ct_slice, kind.upper())
+    client.environ_base["REMOTE_ADDR"] = "192.0.2.55"
     answer = post_file(client, "/upload/classify", data, name)
     result = classified(client, web_node, answer)
     assert result["status"] == "done"
@@ -147,12 +164,23 @@ def test_upload_is_classified_by_the_active_model_and_not_stored(
         None,
         1,
     )
-    assert result["predicted_class"] in CLASSES
-    assert list(result["probabilities"]) == list(CLASSES)
-    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
-    assert result["predicted_class"] == max(
-        result["probabilities"], key=result["probabilities"].get
-    )
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli" / name).write_bytes(data)
+    cli = cli_answer(web_node.settings, tmp_path / "cli" / name, tmp_path, capsys)
+    assert result["predicted_class"] == cli["predicted_class"]  # the same answer as the CLI
+    assert list(result["probabilities"]) == list(cli["probabilities"]) == list(CLASSES)
+    for class_name, probability in cli["probabilities"].items():
+        assert result["probabilities"][class_name] == pytest.approx(probability, abs=1e-5)
+    assert cli["model"] == result["model"]["label"]
+    with web_node.session_factory() as db:
+        events = db.scalars(select(AuditEvent).where(AuditEvent.action == "upload")).all()
+    assert [(e.username, e.client_address, e.detail) for e in events] == [
+        (
+            "dr.rad",
+            "192.0.2.55",
+            {"job": answer.get_json()["id"], "file": name, "kind": kind, "keep": False},
+        )
+    ]
     assert result["model"] == {
         "name": DEMO.name,
         "version": DEMO.version,
@@ -242,7 +270,7 @@ def _mr(ds):
         ),
         pytest.param(
             lambda ct: dicom_bytes(ct, _huge),
-            f"The DICOM image is 16384×16384 pixels: {TOO_LARGE}",
+            f"The DICOM image is {DICOM_TOO_LARGE}.",
             id="dicom-bomb",
         ),
     ],
@@ -265,10 +293,10 @@ def test_a_decompression_bomb_is_refused_by_the_cli_and_the_upload(
 
     if kind == "png":
         data, message = png_claiming(40000, 40000), "The image claims more than"
-        path = tmp_path / "bomb.png"
+        path, too_large = tmp_path / "bomb.png", TOO_LARGE
     else:
         data, message = dicom_bytes(ct_slice, _huge), "The DICOM image is 16384×16384 pixels"
-        path = tmp_path / "series" / "IM0001"
+        path, too_large = tmp_path / "series" / "IM0001", DICOM_TOO_LARGE
         path.parent.mkdir()
     assert len(data) < 200_000
     path.write_bytes(data)
@@ -276,14 +304,14 @@ def test_a_decompression_bomb_is_refused_by_the_cli_and_the_upload(
     answer = post_file(client, "/upload/classify", data, path.name)
     assert answer.status_code == 400
     assert answer.get_json()["error"].startswith(message)
-    assert TOO_LARGE in answer.get_json()["error"]
+    assert too_large in answer.get_json()["error"]
 
     monkeypatch.setenv("AINODE_DATA_DIR", str(web_node.settings.data_dir))
     capsys.readouterr()
     assert main(["classify", str(path if kind == "png" else path.parent)]) == 2
     err = capsys.readouterr().err
     assert f"ainode: {path}: {message}" in err
-    assert TOO_LARGE in err
+    assert too_large in err
 
 
 def test_no_file_field_is_refused(client):
@@ -335,7 +363,9 @@ def test_anonymous_is_sent_to_sign_in(anonymous):
         assert answer.headers["Location"].startswith("/login")
 
 
-def test_a_worker_process_answers_the_upload_the_page_polls(client, web_node, ct_slice, tmp_path):
+def test_a_worker_process_answers_the_upload_the_page_polls(
+    client, web_node, ct_slice, tmp_path, capsys
+):
     """The whole path: the web UI queues the file, a real ``ainode worker`` process (the
     only one holding the model) classifies it, the page's status URL gives the answer."""
     with running_worker(web_node.settings, tmp_path / "worker"):
@@ -347,7 +377,12 @@ def test_a_worker_process_answers_the_upload_the_page_polls(client, web_node, ct
             assert time.monotonic() < deadline, result
             time.sleep(0.2)
     assert result["status"] == "done", result
-    assert result["predicted_class"] in CLASSES and result["model"]["name"] == DEMO.name
+    cli = cli_answer(web_node.settings, ct_slice, tmp_path, capsys)
+    assert (result["predicted_class"], result["model"]["label"]) == (
+        cli["predicted_class"],
+        cli["model"],
+    )
+    assert result["probabilities"] == pytest.approx(cli["probabilities"], abs=1e-5)
     assert files_under(web_node.settings.data_dir / "uploads") == set()
 
 

@@ -417,6 +417,23 @@ def test_page_takes_the_same_few_statements_however_many_studies(client, ward, w
     assert len(few) == len(many) <= 6
 
 
+def test_a_patient_search_is_audited_once_while_the_page_refreshes(client, ward, web_node):
+    client.environ_base["REMOTE_ADDR"] = "192.0.2.44"
+    assert client.get("/?patient=doe").status_code == 200
+    for _ in range(3):  # the page's own refresh, every 5 s
+        assert client.get("/worklist.json?patient=doe").status_code == 200
+    assert client.get("/worklist.json?patient=roe").status_code == 200
+    assert client.get("/worklist.json?status=failed").status_code == 200  # no search
+    with web_node.session_factory() as db:
+        events = db.scalars(
+            select(AuditEvent).where(AuditEvent.action == "patient_search").order_by(AuditEvent.id)
+        ).all()
+    assert [(e.username, e.client_address, e.detail) for e in events] == [
+        ("dr.rad", "192.0.2.44", {"patient": "doe"}),
+        ("dr.rad", "192.0.2.44", {"patient": "roe"}),
+    ]
+
+
 # --------------------------------------------------------------------------- bulk tagging
 
 

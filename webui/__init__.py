@@ -12,7 +12,7 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, Request, g, render_template
+from flask import Flask, Request, Response, g, render_template, request
 from flask_wtf.csrf import CSRFProtect
 
 from node import atomic
@@ -21,6 +21,18 @@ from node.settings import Settings
 
 csrf = CSRFProtect()
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+# Every answer: never framed (the verdict and label forms), scripts and styles only from the
+# node's own static files (no inline script runs), no MIME sniffing, no referrer elsewhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 class InMemoryUploadRequest(Request):
@@ -67,8 +79,19 @@ def create_app(settings: Settings, test_config: dict | None = None, node: Node |
     ):
         app.register_blueprint(blueprint)
     _error_pages(app)
+    app.after_request(_security_headers)
     app.teardown_appcontext(_close_session)
     return app
+
+
+def _security_headers(response: Response) -> Response:
+    """The headers of :data:`SECURITY_HEADERS` on every answer; pages and data (patient
+    data) are not stored by the browser unless the view says otherwise (slice images)."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.endpoint != "static" and "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _close_session(_exc) -> None:
@@ -83,8 +106,9 @@ def _secret_key(settings: Settings) -> str:
         return settings.web_secret_key
     path = Path(settings.data_dir) / "web_secret_key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, secrets.token_urlsafe(48), mode=0o600)  # never readable by others
+        atomic.private_folder(path.parent)
+        # 0600 from its creation; of web processes starting at once, the first key wins
+        atomic.create_exclusive(path, secrets.token_urlsafe(48).encode("ascii"), mode=0o600)
     return path.read_text(encoding="utf-8").strip()
 
 

@@ -10,7 +10,7 @@ from flask_login import current_user
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.records import users
+from node.records import sign_in, users
 from node.records.db import AuditEvent, User, UserRole
 from webui import audit, node, session
 from webui.auth import admin_required
@@ -164,9 +164,15 @@ def users_page():
 
 
 def _users_page(status: int = 200, entered: dict | None = None):
-    listed = session().scalars(select(User).order_by(User.username)).all()
+    db = session()
+    listed = db.scalars(select(User).order_by(User.username)).all()
+    delayed = {user.username: sign_in.account_delayed_until(db, user.username) for user in listed}
     return render_template(
-        "admin_users.html", users=listed, roles=tuple(UserRole), entered=entered or {}
+        "admin_users.html",
+        users=listed,
+        roles=tuple(UserRole),
+        entered=entered or {},
+        delayed=delayed,
     ), status
 
 

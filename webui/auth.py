@@ -1,17 +1,33 @@
-"""Sign-in and roles: Flask-Login on the node's user table, a bound on failed sign-ins."""
+"""Sign-in and roles: Flask-Login on the node's user table, throttled failed sign-ins.
+
+How failed sign-ins are slowed (per client address and per user name, never a lock-out)
+is :mod:`node.records.sign_in`'s design; every attempt, refusal and sign-out is audited
+with the client address.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import unicodedata
 from functools import wraps
+from urllib.parse import unquote, urlsplit
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from node.records import users
+from node.records import sign_in, users
 from node.records.db import User, UserRole
 from webui import audit, session
 
@@ -19,8 +35,7 @@ bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
 login_manager.login_view = "auth.login"
 login_manager.login_message = "Please sign in."
-MAX_FAILED_LOGINS = 5
-LOCKOUT = timedelta(minutes=15)
+WRONG = "Wrong user name or password."
 
 
 class SignedIn(UserMixin):
@@ -69,33 +84,77 @@ class LoginForm(FlaskForm):
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
+    """Sign in: 302 to ``next`` (same site only), 401 for a wrong name or password, 429
+    with Retry-After while this address or this user name must wait."""
     form = LoginForm()
-    status = 200
-    if form.validate_on_submit():
-        db = session()
-        outcome = users.authenticate(
-            db, form.username.data.strip(), form.password.data, MAX_FAILED_LOGINS, LOCKOUT
+    if not form.validate_on_submit():
+        return render_template("login.html", form=form)
+    db = session()
+    username, address = form.username.data.strip(), audit.client_address()
+    known = audit.signed_in_from(db, username, address)
+    policy = sign_in.Policy.from_settings(current_app.extensions["ainode_settings"])
+    throttled = sign_in.claim_attempt(db, policy, address, username, known)
+    if throttled is not None:
+        db.rollback()  # nothing counted: the attempt is refused unchecked
+        audit.record(
+            db,
+            username,
+            "login_throttled",
+            scope=throttled.scope,
+            retry_after=throttled.retry_after,
         )
-        if outcome.user is not None:
-            login_user(SignedIn(outcome.user))
-            audit.record(db, outcome.user.username, "login")
-            db.commit()
-            return redirect(_safe_next(request.args.get("next")))
-        db.commit()  # the failed-attempt count
-        flash(outcome.message, "error")
-        status = 401
-    return render_template("login.html", form=form), status
+        db.commit()
+        flash(f"Too many failed sign-ins: try again in {_wait(throttled.retry_after)}.", "error")
+        answer = make_response(render_template("login.html", form=form), 429)
+        answer.headers["Retry-After"] = str(throttled.retry_after)
+        return answer
+    db.commit()  # counted before the password is checked: parallel guesses are all counted
+    user = users.authenticate(db, username, form.password.data)
+    if user is None:
+        audit.record(db, username, "login_failed")
+        db.commit()
+        flash(WRONG, "error")
+        return render_template("login.html", form=form), 401
+    sign_in.forget(db, address, username)
+    login_user(SignedIn(user))
+    audit.record(db, user.username, "login")
+    db.commit()
+    return redirect(_safe_next(request.args.get("next")))
 
 
 @bp.route("/logout", methods=["POST"])
 def logout():
+    if current_user.is_authenticated:
+        db = session()
+        audit.record(db, current_user.username, "logout")
+        db.commit()
     logout_user()
     flash("Signed out.", "info")
     return redirect(url_for("auth.login"))
 
 
+def _wait(seconds: int) -> str:
+    return f"{seconds} s" if seconds < 120 else f"{-(-seconds // 60)} min"
+
+
 def _safe_next(target: str | None) -> str:
-    """Only same-site paths: an open redirect would let a link send a user elsewhere."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("worklist.index")
+    """``target`` when it is a path on this site, else the worklist (no open redirect).
+
+    A path starts with exactly one "/", holds no whitespace, and no backslash or control
+    character, raw or percent-encoded (browsers drop tabs and newlines and read "\\" as
+    "/", so "/\\t/evil.example" would become "//evil.example"), and has no scheme or host.
+    """
+    default = url_for("worklist.index")
+    if not target:
+        return default
+    if any(ch.isspace() for ch in target):
+        return default
+    for text in (target, unquote(target)):
+        if not text.startswith("/") or text.startswith("//") or "\\" in text:
+            return default
+        if any(unicodedata.category(ch).startswith("C") for ch in text):
+            return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return default
+    return target

@@ -1,4 +1,10 @@
-"""Exports: choose labelled studies, preview the counts, run the export, download the bundle."""
+"""Exports: choose labelled studies, preview the counts, run the export, download the bundle.
+
+An export is seen and downloaded only by the user who started it, and by admins (anyone
+else gets the page of an export that doesn't exist, and the attempt is audited). Bundles
+are deleted by the sweeper ``export_retention_days`` after they finished and the job is
+then shown as expired (:func:`node.workflow.exports.expire_exports`).
+"""
 
 from __future__ import annotations
 
@@ -78,6 +84,7 @@ def index():
         mapping=mapping,
         classes=CLASSES,
         jobs=latest_jobs(db),
+        retention_days=node().settings.export_retention_days,
     )
 
 
@@ -92,11 +99,7 @@ def jobs():
 @login_required
 def job(job_id: int):
     """One export job as JSON."""
-    db = session()
-    found = db.get(ExportJob, job_id)
-    if found is None:
-        abort(404, f"Export {job_id} doesn't exist.")
-    return jsonify(job_json(found))
+    return jsonify(job_json(_visible_job(session(), job_id)))
 
 
 @bp.route("/exports/preview", methods=["POST"])
@@ -105,10 +108,20 @@ def preview():
     """What an export of the posted selection would hold; writes nothing."""
     db = session()
     mapping = effective_keyword_classes(node().settings, db)
-    selection, _ = _posted_selection(mapping)
-    return jsonify(
-        selection=selection.as_dict(), counts=preview_export(db, mapping, selection).as_dict()
+    selection, chosen = _posted_selection(mapping)
+    counts = preview_export(db, mapping, selection)
+    wanted = selection.as_dict()
+    audit.record(
+        db,
+        current_user.username,
+        "export_preview",
+        **chosen,
+        since=wanted["since"],
+        until=wanted["until"],
+        selected=counts.selected,
     )
+    db.commit()
+    return jsonify(selection=wanted, counts=counts.as_dict())
 
 
 @bp.route("/exports", methods=["POST"])
@@ -149,11 +162,16 @@ def start():
 @bp.route("/exports/<int:job_id>/download")
 @login_required
 def download(job_id: int):
-    """The finished bundle as a zip, streamed (404 for unknown or unfinished exports)."""
+    """The finished bundle as a zip, streamed (404 for unknown, someone else's, unfinished
+    or expired exports)."""
     db = session()
-    found = db.get(ExportJob, job_id)
-    if found is None:
-        abort(404, f"Export {job_id} doesn't exist.")
+    found = _visible_job(db, job_id)
+    if found.status == ExportStatus.EXPIRED:
+        days = node().settings.export_retention_days
+        abort(
+            404,
+            f"Export {job_id} has expired: its files were deleted {days:g} days after it finished.",
+        )
     if found.status != ExportStatus.DONE or not found.folder:
         abort(404, f"Export {job_id} is not finished (it is {found.status}).")
     folder = Path(found.folder)
@@ -172,12 +190,32 @@ def download(job_id: int):
 # --------------------------------------------------------------------------- helpers
 
 
+def _visible_job(db, job_id: int) -> ExportJob:
+    """The export ``job_id`` if the signed-in user may see it (theirs, or any for admins);
+    404 otherwise, the same answer as for an export that doesn't exist (audited)."""
+    found = db.get(ExportJob, job_id)
+    if found is not None and not _may_see(found):
+        audit.record(
+            db, current_user.username, "export_denied", job=job_id, owner=found.requested_by
+        )
+        db.commit()
+        found = None
+    if found is None:
+        abort(404, f"Export {job_id} doesn't exist.")
+    return found
+
+
+def _may_see(job: ExportJob) -> bool:
+    return current_user.is_admin or job.requested_by == current_user.username
+
+
 def latest_jobs(db) -> list[dict]:
-    """The newest export jobs."""
+    """The newest export jobs the signed-in user may see (admins: everyone's)."""
+    query = select(ExportJob)
+    if not current_user.is_admin:
+        query = query.where(ExportJob.requested_by == current_user.username)
     listed = db.scalars(
-        select(ExportJob)
-        .order_by(ExportJob.created_at.desc(), ExportJob.id.desc())
-        .limit(JOBS_LISTED)
+        query.order_by(ExportJob.created_at.desc(), ExportJob.id.desc()).limit(JOBS_LISTED)
     )
     return [job_json(job) for job in listed]
 

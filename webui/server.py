@@ -26,6 +26,7 @@ class WebServer:
             port=settings.web_port,
             threads=settings.web_threads,
             ident="ainode",
+            **proxy_options(settings),
         )
         self.port = self._server.effective_port
         self._thread = threading.Thread(target=self._server.run, name="web-ui", daemon=True)
@@ -38,3 +39,17 @@ class WebServer:
     def stop(self) -> None:
         self._server.close()
         self._thread.join(10)
+
+
+def proxy_options(settings: Settings) -> dict:
+    """Waitress's proxy settings: X-Forwarded-For is believed only from
+    ``web_trusted_proxy`` (then ``request.remote_addr`` is the client behind it, as audited
+    and throttled); from anyone else waitress drops it."""
+    if not settings.web_trusted_proxy:
+        return {"clear_untrusted_proxy_headers": True}
+    return {
+        "trusted_proxy": settings.web_trusted_proxy,
+        "trusted_proxy_count": 1,
+        "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
+        "clear_untrusted_proxy_headers": True,
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import (
     Blueprint,
@@ -18,7 +18,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from node.analysis.imaging import ImagingError
+from node.analysis.imaging import ImageTooLarge, ImagingError
 from node.analysis.result import CLASSES, ModelIdentity
 from node.records.db import Analysis, Verdict, utcnow
 from node.records.labels import effective_keyword_classes, labels_of
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("study", __name__)
 VERDICT_COMMENT_MAX_LENGTH = 1024
 SLICE_MAX_AGE = 24 * 3600  # a slice URL carries the slice list's version, so it may be kept
+SLICE_AUDIT_WINDOW = timedelta(hours=1)  # one slice_view event per user, study and hour
 
 
 def _slice_cache() -> viewer.SliceListCache:
@@ -92,9 +93,20 @@ def view(study_id: int):
             "strip_classes": list(viewer.STRIP_CLASSES),
         },
     )
+    audit.record(db, current_user.username, "study_view", study_id)
+    db.commit()
     response = make_response(page)
     response.headers["Cache-Control"] = "private, no-store"  # patient data
     return response
+
+
+def _audit_slice_read(db, study_id: int) -> None:
+    """Audit that this user read the study's images: once per :data:`SLICE_AUDIT_WINDOW`
+    (scrolling a series fetches hundreds of slices)."""
+    since = utcnow() - SLICE_AUDIT_WINDOW
+    if not audit.recorded_since(db, current_user.username, "slice_view", since, study_id):
+        audit.record(db, current_user.username, "slice_view", study_id)
+        db.commit()
 
 
 def _model(result: Analysis | None) -> ModelIdentity | None:
@@ -115,6 +127,7 @@ def slice_png(study_id: int, n: int):
         abort(404, f"Study {study_id} has no slices to show: {slices.problem}.")
     if n >= len(slices.slices):
         abort(404, f"Study {study_id} has no slice {n} ({len(slices.slices)} slices to show).")
+    _audit_slice_read(db, study_id)
     try:
         window = viewer.window_from_args(request.args)
     except ValueError as exc:
@@ -127,7 +140,8 @@ def slice_png(study_id: int, n: int):
             png = viewer.render_slice(node(), slices.slices[n], window)
         except (ImagingError, OSError) as exc:
             log.warning("study %d slice %d cannot be shown: %s", study_id, n, exc)
-            abort(500, f"Slice {n} of study {study_id} cannot be shown: {exc}")
+            status = 422 if isinstance(exc, ImageTooLarge) else 500  # refused, not decoded
+            abort(status, f"Slice {n} of study {study_id} cannot be shown: {exc}")
         response = Response(png, mimetype="image/png")
     response.set_etag(etag)
     current = request.args.get("v") == slices.version

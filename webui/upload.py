@@ -26,12 +26,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from node.analysis.analyze import AnalysisOptions
 from node.analysis.bundle import INFO_FILE, BundleError, ModelInfo
 from node.analysis.classify import ClassifyError, read_input
-from node.analysis.imaging import Window
 from node.records.db import UploadJob, UploadStatus
 from node.records.registry import active_model_dir
 from node.workflow import uploads
 from node.workflow.queue import CLASSIFY_UPLOAD, enqueue, make_celery
-from webui import node, session
+from webui import audit, node, session
 from webui.uploaded_image import UploadError, preview_png
 
 bp = Blueprint("upload", __name__)
@@ -80,7 +79,8 @@ def preview():
     """The uploaded image as PNG: a DICOM file windowed as the node windows it."""
     data, _name = _uploaded()
     settings = node().settings
-    png = preview_png(data, Window(settings.window_center, settings.window_width))
+    options = AnalysisOptions.from_settings(settings)
+    png = preview_png(data, options.window, options.limits)
     answer = make_response(png)
     answer.headers["Content-Type"] = "image/png"
     answer.headers["Cache-Control"] = "no-store"
@@ -105,6 +105,9 @@ def classify():
         file_name=name,
         requested_by=current_user.username,
         keep=request.form.get("keep", "").strip().lower() in KEEP_VALUES,
+    )
+    audit.record(
+        db, current_user.username, "upload", job=job.id, file=name, kind=image.kind, keep=job.keep
     )
     db.commit()
     if not enqueue(current_app.extensions["ainode_celery"], CLASSIFY_UPLOAD, job.id):

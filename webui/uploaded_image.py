@@ -22,9 +22,12 @@ class UploadError(ClassifyError):
     """An upload that cannot be classified; the message tells the user why."""
 
 
-def preview_png(data: bytes, window: imaging.Window) -> bytes:
-    """The upload as PNG bytes: a picture as it is, a DICOM file's middle frame windowed."""
+def preview_png(
+    data: bytes, window: imaging.Window, limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
+) -> bytes:
+    """The upload as PNG bytes: a picture as it is, a DICOM file's middle frame windowed
+    (refused undecoded when its pixel data declares more than ``limits``)."""
     if file_kind(data) != "dicom":
         return imaging.to_png_bytes(read_picture(data))
-    frames = windowed_frames(read_dicom(data), window)
+    frames = windowed_frames(read_dicom(data, limits), window, limits)
     return imaging.to_png_bytes(frames[len(frames) // 2])

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.analysis import imaging
-from node.analysis.analyze import AnalysisError, eligible_series
+from node.analysis.analyze import AnalysisError, AnalysisOptions, eligible_series
 from node.records.db import Analysis, Instance, Series, Study
 from node.runtime import Node
 
@@ -116,10 +116,15 @@ def _build_slice_list(
         return SliceList((), version, str(exc))
     except OSError as exc:
         return SliceList((), version, f"cannot read the stored instances: {exc.strerror or exc}")
+    limits = AnalysisOptions.from_settings(node.settings).limits
     slices = []
     for ds in datasets:
         uid = str(ds.SOPInstanceUID)
-        frames = int(ds.get("NumberOfFrames") or 1)
+        try:  # a header may claim billions of frames: not one entry each
+            imaging.check_decode_size(ds, limits)
+            frames = int(ds.get("NumberOfFrames") or 1)
+        except imaging.ImagingError:
+            frames = 1  # one entry, whose image answers why it cannot be shown
         slices.extend(ViewerSlice(uid, keys[uid], frame, frames > 1) for frame in range(frames))
     return SliceList(tuple(slices), version)
 
@@ -192,10 +197,14 @@ def _number(args: Mapping[str, str], name: str) -> float:
 def render_slice(node: Node, item: ViewerSlice, window: imaging.Window) -> bytes:
     """One slice windowed to 8-bit and encoded as PNG.
 
-    Raises :class:`node.analysis.imaging.ImagingError` or ``OSError`` when the file cannot be shown.
+    Raises :class:`node.analysis.imaging.ImagingError` or ``OSError`` when the file cannot be
+    shown: :class:`~node.analysis.imaging.ImageTooLarge`, before anything is decoded, when its
+    pixel data declares more than the decode limits (the web UI shares the receiver's process).
     """
-    ds = dcmread(node.store.path(item.store_key))
-    pixels = imaging.windowed_slices(ds, window)[item.frame]
+    ds = dcmread(node.store.path(item.store_key), defer_size="1 KB")  # pixels read once checked
+    limits = AnalysisOptions.from_settings(node.settings).limits
+    hu = imaging.hounsfield_frames(ds, limits)
+    pixels = imaging.apply_window(hu[item.frame], window)  # only the frame shown
     return imaging.to_png_bytes(pixels, compress_level=1)  # served while scrolling
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import parse_qsl, urlencode
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
@@ -10,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.analysis.result import CLASSES
-from node.records.db import Label, Study, StudyStatus
+from node.records.db import Label, Study, StudyStatus, utcnow
 from node.records.labels import (
     add_label,
     canonical_keyword,
@@ -32,6 +33,7 @@ from webui.worklist_query import (
 bp = Blueprint("worklist", __name__)
 MAX_TAGGED = 1000
 PER_PAGE_CHOICES = (25, 50, 100, MAX_PER_PAGE)
+SEARCH_AUDIT_WINDOW = timedelta(hours=1)  # the page repeats its search every 5 s
 
 
 @bp.route("/")
@@ -39,7 +41,9 @@ PER_PAGE_CHOICES = (25, 50, 100, MAX_PER_PAGE)
 def index():
     db = session()
     keywords = known_keywords(db)
-    return render_page(fetch_page(db, _query(), keywords), keywords)
+    query = _query()
+    _audit_patient_search(db, query)
+    return render_page(fetch_page(db, query, keywords), keywords)
 
 
 def render_page(page: WorklistPage, keywords: list[str]) -> str:
@@ -66,6 +70,7 @@ def page_json():
     """The rows of the page the same query string shows (for the 5-second refresh)."""
     db = session()
     query = _query()
+    _audit_patient_search(db, query)
     page = fetch_page(db, query, known_keywords(db) if query.label else ())
     return jsonify(
         page=page.query.page,
@@ -107,6 +112,19 @@ def tag():
         return jsonify(action=sent["action"], keyword=keyword, changed=changed, unchanged=unchanged)
     flash(_tag_message(sent["action"], keyword, len(changed), len(unchanged)), "info")
     return redirect(_back(sent["filters"]))
+
+
+def _audit_patient_search(db: Session, query: WorklistQuery) -> None:
+    """Audit a search by patient name or ID (once an hour per user and search: the page
+    refreshes itself with the same query)."""
+    if not query.patient:
+        return
+    since = utcnow() - SEARCH_AUDIT_WINDOW
+    if not audit.recorded_since(
+        db, current_user.username, "patient_search", since, patient=query.patient
+    ):
+        audit.record(db, current_user.username, "patient_search", patient=query.patient)
+        db.commit()
 
 
 def _query() -> WorklistQuery:

@@ -1,4 +1,7 @@
-"""``ainode user add|list|password``: web UI accounts from the command line."""
+"""``ainode user add|list|password|disable|enable``: web UI accounts from the command line.
+
+Every change is written to the audit trail as ``cli:<system user>`` (no client address).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import os
 import sys
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from node.records import users
+from node.records import audit, sign_in, users
 from node.records.db import User, UserRole
 from node.runtime import build_node
 
@@ -26,9 +30,15 @@ def register(sub) -> dict:
         "--password-env", metavar="VAR", help="read the password from this environment variable"
     )
     actions.add_parser("list", help="list accounts")
-    password = actions.add_parser("password", help="set a new password (lifts a lock-out)")
+    password = actions.add_parser(
+        "password", help="set a new password (lifts the account's sign-in delays)"
+    )
     password.add_argument("username")
     password.add_argument("--password-env", metavar="VAR")
+    disable = actions.add_parser("disable", help="stop an account from signing in")
+    disable.add_argument("username")
+    enable = actions.add_parser("enable", help="let a disabled account sign in again")
+    enable.add_argument("username")
     return {"user": cmd_user}
 
 
@@ -56,17 +66,28 @@ def cmd_user(settings, args: argparse.Namespace) -> int:
                     state = "active" if user.active else "disabled"
                     print(f"{user.username:20} {user.role:12} {state:8} {user.full_name}")
                 return 0
-            if args.action == "add":
-                users.add_user(session, args.username, _password(args), args.role, args.name)
-                session.commit()
-                print(f"user {args.username} ({args.role}) created")
-                return 0
-            user = session.scalar(select(User).where(User.username == args.username))
-            if user is None:
-                raise ValueError(f"no user {args.username!r}")
-            users.set_password(user, _password(args))
+            print(_change(session, args))
             session.commit()
-            print(f"password of {args.username} changed")
             return 0
     finally:
         node.close()
+
+
+def _change(session: Session, args: argparse.Namespace) -> str:
+    """Make one account change and its audit event; the line to print."""
+    who = audit.command_line_user()
+    if args.action == "add":
+        users.add_user(session, args.username, _password(args), args.role, args.name)
+        audit.record(session, who, "user_add", user=args.username, role=args.role)
+        return f"user {args.username} ({args.role}) created"
+    user = session.scalar(select(User).where(User.username == args.username))
+    if user is None:
+        raise ValueError(f"no user {args.username!r}")
+    if args.action == "password":
+        users.set_password(user, _password(args))
+        sign_in.forget(session, username=user.username)
+        audit.record(session, who, "user_password", user=user.username)
+        return f"password of {args.username} changed"
+    user.active = args.action == "enable"
+    audit.record(session, who, f"user_{args.action}", user=user.username)
+    return f"user {args.username} {args.action}d"

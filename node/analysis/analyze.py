@@ -25,7 +25,14 @@ if TYPE_CHECKING:
 
 
 class AnalysisError(RuntimeError):
-    """The study cannot be analysed (nothing to evaluate); the message says why."""
+    """The study cannot be analysed (nothing to evaluate); the message says why.
+
+    ``skipped``: why each instance read so far was skipped (SOP Instance UID → reason).
+    """
+
+    def __init__(self, message: str, skipped: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = dict(skipped or {})
 
 
 @dataclass
@@ -47,6 +54,7 @@ class AnalysisOptions:
     min_lung_fraction: float = 0.05
     rule: str = "top-mean"
     batch_size: int = 16
+    limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnalysisOptions:
@@ -56,6 +64,9 @@ class AnalysisOptions:
             stride=settings.slice_stride,
             min_lung_fraction=settings.min_lung_fraction,
             rule=settings.aggregation_rule,
+            limits=imaging.DecodeLimits(
+                settings.max_image_side, settings.max_frames, settings.max_decoded_mb
+            ),
         )
 
 
@@ -70,21 +81,32 @@ class _Clock:
         self._last = now
 
 
-def eligible_series(paths: Sequence[Path]) -> tuple[list[Dataset], dict[str, str]]:
-    """Headers of the instances of the largest eligible series, and why others were skipped."""
+def eligible_series(
+    paths: Sequence[Path], limits: imaging.DecodeLimits | None = None
+) -> tuple[list[Dataset], dict[str, str]]:
+    """Headers of the instances of the largest eligible series, and why others were skipped.
+
+    With ``limits``, an instance whose pixel data declares more than they allow is skipped
+    too (its reason starts with :data:`imaging.TOO_LARGE`), so it is never decoded; without,
+    only the headers are judged (to list slices, each checked again when it is shown).
+    Pixel data is read only when it is used.
+    """
     by_series: dict[str, list[Dataset]] = {}
     skipped: dict[str, str] = {}
     for path in paths:
         ds = dcmread(path, stop_before_pixels=False, defer_size="1 KB")
         ds.filename = str(path)
         reason = imaging.skip_reason(ds)
+        if reason is None and limits is not None:
+            reason = _size_reason(ds, limits)
         if reason:
             skipped[str(ds.SOPInstanceUID)] = reason
             continue
         by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     if not by_series:
         raise AnalysisError(
-            "no axial CT image to analyse" + (f" ({_reasons(skipped)})" if skipped else "")
+            "no axial CT image to analyse" + (f" ({_reasons(skipped)})" if skipped else ""),
+            skipped,
         )
     chosen = max(by_series.values(), key=len)
     for uid, datasets in by_series.items():
@@ -92,6 +114,15 @@ def eligible_series(paths: Sequence[Path]) -> tuple[list[Dataset], dict[str, str
             for ds in datasets:
                 skipped[str(ds.SOPInstanceUID)] = f"other series {uid} (the largest is evaluated)"
     return [chosen[i] for i in imaging.slice_order(chosen)], skipped
+
+
+def _size_reason(ds: Dataset, limits: imaging.DecodeLimits) -> str | None:
+    """Why the pixel data of ``ds`` is not decoded under ``limits``, or None."""
+    try:
+        imaging.check_decode_size(ds, limits)
+    except imaging.ImagingError as exc:
+        return str(exc)
+    return None
 
 
 def _reasons(skipped: dict[str, str]) -> str:
@@ -102,18 +133,31 @@ def _reasons(skipped: dict[str, str]) -> str:
 
 
 def windowed_lung_slices(
-    datasets: Sequence[Dataset], options: AnalysisOptions
+    datasets: Sequence[Dataset], options: AnalysisOptions, skipped: dict[str, str] | None = None
 ) -> tuple[list[tuple[Dataset, int]], np.ndarray]:
-    """(dataset, frame) of the lung-bearing slices chosen, and their windowed uint8 pixels."""
+    """(dataset, frame) of the lung-bearing slices chosen, and their windowed uint8 pixels.
+
+    With ``skipped``, an instance whose pixels cannot be used (corrupt, truncated) is left
+    out with its reason there, and the rest of the series is still read; without it the
+    first such instance raises :class:`~node.analysis.imaging.ImagingError`.
+    """
     frames: list[tuple[Dataset, int]] = []
     images: list[np.ndarray] = []
     fractions: list[float] = []
     for ds in datasets:
-        hu = imaging.hounsfield_frames(ds)
+        try:
+            hu = imaging.hounsfield_frames(ds, options.limits)
+        except imaging.ImagingError as exc:
+            if skipped is None:
+                raise
+            skipped[str(ds.SOPInstanceUID)] = str(exc)
+            continue
         for index, frame in enumerate(hu):
             frames.append((ds, index))
             fractions.append(imaging.lung_fraction(frame))
             images.append(imaging.apply_window(frame, options.window))
+    if not frames and skipped:
+        raise AnalysisError(f"no slice could be decoded ({_reasons(skipped)})", skipped)
     chosen = imaging.select_slices(fractions, options.stride, options.min_lung_fraction)
     if not chosen:
         raise AnalysisError(
@@ -129,9 +173,9 @@ def analyze_instances(
     """Run the whole pipeline over a study's stored instance files."""
     options = options or AnalysisOptions()
     clock = _Clock()
-    datasets, skipped = eligible_series(paths)
+    datasets, skipped = eligible_series(paths, options.limits)
     clock.lap("load")
-    frames, pixels = windowed_lung_slices(datasets, options)
+    frames, pixels = windowed_lung_slices(datasets, options, skipped)
     clock.lap("preprocess")
     probabilities = bundle.predict(pixels, batch_size=options.batch_size)
     clock.lap("inference")

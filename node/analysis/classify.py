@@ -6,8 +6,10 @@ answers. A PNG or JPEG is an already windowed 8-bit slice (as the seed's app too
 classified as it is; a DICOM file goes through the node's own steps (axial CT check → HU →
 lung-bearing slices → window), so it is judged as a stored study would be.
 
-Decompression bombs are refused before their pixels are decoded: an image may have at most
-:data:`MAX_PIXELS` pixels (a DICOM file: Rows × Columns × frames).
+Decompression bombs are refused before their pixels are decoded: a PNG or JPEG may have at
+most :data:`MAX_PIXELS` pixels, a DICOM file no more than the decode limits allow
+(:func:`node.analysis.imaging.check_decode_size`, the ``max_image_side``, ``max_frames`` and
+``max_decoded_mb`` settings).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 DICOM_PREFIX_AT, DICOM_PREFIX = 128, b"DICM"
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
-MAX_PIXELS = 8192 * 8192  # per image (a DICOM file: all its frames); 512×512 × 256 frames
+MAX_PIXELS = 8192 * 8192  # per PNG or JPEG image (DICOM: imaging.DecodeLimits)
 # What pydicom raises on a damaged file: it parses lazily, so reading values can fail too.
 _DICOM_ERRORS = (
     InvalidDicomError,
@@ -108,7 +110,7 @@ def read_input(data: bytes, options: AnalysisOptions) -> InputImage:
     kind = file_kind(data)
     if kind != "dicom":
         return InputImage(kind, read_picture(data)[np.newaxis], "mean")
-    ds = read_dicom(data)
+    ds = read_dicom(data, options.limits)
     with _decoding():
         _frames, slices = windowed_lung_slices([ds], options)
     return InputImage(kind, slices, options.rule)
@@ -137,8 +139,8 @@ def read_picture(source: bytes | Path) -> np.ndarray:
             raise ClassifyError(f"The image data is damaged: {_short(exc)}.") from None
 
 
-def read_dicom(data: bytes) -> Dataset:
-    """A DICOM dataset that is an axial grayscale CT image with pixel data of a sane size."""
+def read_dicom(data: bytes, limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS) -> Dataset:
+    """A DICOM dataset that is an axial grayscale CT image with pixel data within ``limits``."""
     try:
         ds = dcmread(io.BytesIO(data))
         reason = imaging.skip_reason(ds)
@@ -152,27 +154,29 @@ def read_dicom(data: bytes) -> Dataset:
         raise ClassifyError("The DICOM file has no pixel data: it is not an image.")
     if reason is not None:
         raise ClassifyError(f"The DICOM file is not a CT slice that can be classified: {reason}.")
-    check_dicom_size(ds)
+    check_dicom_size(ds, limits)
     return ds
 
 
-def check_dicom_size(ds: Dataset) -> None:
-    """Refuse a DICOM image of more than MAX_PIXELS pixels (Rows × Columns × frames) before
-    its pixel data is decoded."""
+def check_dicom_size(ds: Dataset, limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS) -> None:
+    """Refuse a DICOM image whose pixel data declares more than ``limits`` before it is
+    decoded (:func:`node.analysis.imaging.check_decode_size`)."""
     try:
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except _DICOM_ERRORS as exc:
+        imaging.check_decode_size(ds, limits)
+    except imaging.ImageTooLarge as exc:
+        raise ClassifyError(
+            f"The DICOM image is {exc.size}: too large to classify ({exc.limits})."
+        ) from None
+    except _DICOM_ERRORS as exc:  # an ImagingError too: the dimensions cannot be read
         raise ClassifyError(f"The DICOM file cannot be read: {_short(exc)}.") from None
-    if rows * columns * frames > MAX_PIXELS:
-        shape = f"{columns}×{rows} pixels" + (f" × {frames} frames" if frames != 1 else "")
-        raise ClassifyError(_too_large(f"The DICOM image is {shape}"))
 
 
-def windowed_frames(ds: Dataset, window: imaging.Window) -> np.ndarray:
+def windowed_frames(
+    ds: Dataset, window: imaging.Window, limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
+) -> np.ndarray:
     """All frames of a DICOM image read by :func:`read_dicom`, windowed (to show them)."""
     with _decoding():
-        return imaging.windowed_slices(ds, window)
+        return imaging.windowed_slices(ds, window, limits)
 
 
 @contextmanager
@@ -197,7 +201,7 @@ def _about(path: Path) -> Iterator[None]:
         raise ClassifyError(f"{path}: {exc}") from None
 
 
-def _check_dicom_file(path: Path) -> None:
+def _check_dicom_file(path: Path, limits: imaging.DecodeLimits) -> None:
     """Refuse a DICOM file the pipeline would decode that is too large (headers only read)."""
     with _about(path):
         try:
@@ -206,7 +210,7 @@ def _check_dicom_file(path: Path) -> None:
         except _DICOM_ERRORS as exc:
             raise ClassifyError(f"The DICOM file cannot be read: {_short(exc)}.") from None
         if reason is None:  # a skipped file is never decoded
-            check_dicom_size(ds)
+            check_dicom_size(ds, limits)
 
 
 def _too_large(what: str) -> str:
@@ -280,7 +284,7 @@ def classify_paths(
                 stacks.append((path.name, read_picture(path)[np.newaxis]))
         return classify_slices(stacks, "mean", bundle, options.batch_size)
     for path in files:
-        _check_dicom_file(path)
+        _check_dicom_file(path, options.limits)
     outcome = analyze_instances(files, bundle, options)
     labelled = [
         (s.sop_instance_uid + (f"[{s.frame}]" if s.frame is not None else ""), s.probabilities)

@@ -37,7 +37,10 @@ from pydicom.uid import (
 
 PREPROCESSING_VERSION = "hu-window-uint8/1"
 
-_CT_STORAGE = {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
+# the image classes the analysis reads: only these can change a study's result
+CT_STORAGE = frozenset(
+    {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
+)
 # Gantry tilt reaches 30 degrees on most scanners; a tilted acquisition is still axial.
 AXIAL_TOLERANCE_DEGREES = 30.0
 # pydicom tries libjpeg first for JPEG-LS; CharLS (pyjpegls) decodes it about 4x faster.
@@ -48,6 +51,43 @@ LUNG_HU_RANGE = (-950.0, -500.0)
 
 class ImagingError(ValueError):
     """The pixels of an instance cannot be used; the message says why in DICOM's words."""
+
+
+TOO_LARGE = "image too large to decode"  # how every refusal of :func:`check_decode_size` starts
+
+
+class ImageTooLarge(ImagingError):
+    """Pixel data that declares more than the decode limits: refused before it is decoded.
+
+    ``size`` says what the header declares, ``limits`` the limits it is over (both words).
+    """
+
+    def __init__(self, message: str, size: str = "", limits: str = "") -> None:
+        super().__init__(message)
+        self.size, self.limits = size, limits
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The most pixel data one instance may declare and still be decoded.
+
+    A codec, and pydicom, allocate the whole array the header declares before the first
+    byte is decoded, so a file of a few hundred bytes can claim 65535×65535 pixels (8 GB).
+    Named as the settings that set them (``Settings.max_image_side`` ...).
+    """
+
+    max_image_side: int = 4096  # Rows and Columns (CT is 512, at most 1024)
+    max_frames: int = 2048  # Number of Frames (a chest Enhanced CT has under 1000)
+    max_decoded_mb: int = 512  # Rows × Columns × frames × samples × bytes allocated
+
+    def __str__(self) -> str:
+        return (
+            f"max_image_side {self.max_image_side}, max_frames {self.max_frames}, "
+            f"max_decoded_mb {self.max_decoded_mb}"
+        )
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 @dataclass(frozen=True)
@@ -211,7 +251,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def skip_reason(ds: Dataset) -> str | None:
     """Why an instance is not analysed (not an axial grayscale CT image), or None."""
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class not in _CT_STORAGE:
+    if sop_class not in CT_STORAGE:
         modality = str(ds.get("Modality", "") or "")
         label = modality if modality not in ("", "CT") else UID(sop_class).name or "no SOP class"
         return f"not a CT image ({label})"
@@ -305,24 +345,29 @@ def _first(value: object) -> object:
     return None if value in (None, "") else value
 
 
-def windowed_slices(ds: Dataset, window: Window | None = LUNG) -> np.ndarray:
+def windowed_slices(
+    ds: Dataset, window: Window | None = LUNG, limits: DecodeLimits = DEFAULT_LIMITS
+) -> np.ndarray:
     """(frames, rows, columns) uint8 of an instance; ``None`` uses the file's window or LUNG."""
     if window is None:
         window = file_window(ds) or LUNG
-    return apply_window(hounsfield_frames(ds), window)
+    return apply_window(hounsfield_frames(ds, limits), window)
 
 
-def hounsfield_frames(ds: Dataset) -> np.ndarray:
+def hounsfield_frames(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """(frames, rows, columns) float32 HU of a CT or Enhanced CT instance; padding is NaN.
 
     Raises
     ------
+    ImageTooLarge
+        When the pixel data declares more than ``limits`` (nothing is decoded).
     ImagingError
         When the pixels cannot be decoded or converted to HU (the message says why).
     """
     photometric = str(ds.get("PhotometricInterpretation", "") or "none")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or ds.get("SamplesPerPixel", 1) != 1:
         raise ImagingError(f"not a grayscale image ({photometric})")
+    check_decode_size(ds, limits)
     raw = _decode(ds)
     signed = ds.get("PixelRepresentation", 0) == 1
     bits_stored = int(ds.get("BitsStored") or raw.dtype.itemsize * 8)
@@ -336,6 +381,53 @@ def hounsfield_frames(ds: Dataset) -> np.ndarray:
     if padding is not None:
         np.copyto(hu, np.float32(np.nan), where=padding)
     return hu
+
+
+def check_decode_size(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Refuse pixel data that declares more than ``limits``; reads only the header.
+
+    Every decode goes through this first: Rows and Columns at most ``max_image_side``,
+    Number of Frames at most ``max_frames``, and Rows × Columns × frames × Samples per
+    Pixel × the bytes of Bits Allocated (what a decoder allocates) at most
+    ``max_decoded_mb`` MB.
+
+    Raises
+    ------
+    ImageTooLarge
+        Naming the declared size and the limits.
+    ImagingError
+        When the dimensions cannot be read.
+    """
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 16)
+    except (TypeError, ValueError) as exc:
+        raise ImagingError(f"the image's dimensions cannot be read: {exc}") from None
+    if frames < 1:
+        raise ImagingError(f"Number of Frames {frames} is not valid")
+    decoded = rows * columns * frames * samples * -(-bits // 8)
+    if (
+        max(rows, columns) <= limits.max_image_side
+        and frames <= limits.max_frames
+        and decoded <= limits.max_decoded_mb * 2**20
+    ):
+        return
+    size = f"{columns}×{rows} pixels"
+    size += f" × {frames} frames" if frames != 1 else ""
+    size += f" × {samples} samples" if samples != 1 else ""
+    size += f" of {bits} bits, {_amount(decoded)} decoded"
+    raise ImageTooLarge(f"{TOO_LARGE}: {size} (limits: {limits})", size, f"limits: {limits}")
+
+
+def _amount(size: int) -> str:
+    """``8,192 MB``, ``4.0 MB`` or ``8 KB``: a byte count as people read it."""
+    if size >= 10 * 2**20:
+        return f"{size / 2**20:,.0f} MB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MB"
+    return f"{size / 2**10:,.0f} KB"
 
 
 def _decode(ds: Dataset) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,20 +75,33 @@ def aggregate(
     """Study class and probabilities from per-slice probabilities (rows in class order).
 
     ``mean``: the mean over slices. ``top-mean`` (default): for each disease class
-    the mean of its highest ``top_fraction`` of slice probabilities, because a
-    finding that fills a quarter of the lungs is a finding even when the other
-    slices look normal; ``Normal`` is then what the disease classes leave
-    (1 - the largest disease score, floored at 0), and the vector is normalised.
+    the mean of its highest ``top_fraction`` of slice probabilities (the top
+    ``ceil(top_fraction × slices)``, at least one), because a finding that fills a
+    quarter of the lungs is a finding even when the other slices look normal;
+    ``Normal`` is then what the disease classes leave (1 - the largest disease score,
+    floored at 0), and the vector is normalised.
+
+    The class is the most probable one; a tie goes to a disease class before ``Normal``
+    (a study on the edge is shown for review, whatever the order of the model's
+    classes), then to the first in class order.
+
+    Raises
+    ------
+    ValueError
+        On a bad shape, rule or fraction, or probabilities that are not finite and >= 0.
     """
     probs = np.asarray(slice_probabilities, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(classes) or len(probs) == 0:
         raise ValueError(f"need (slices, {len(classes)}) probabilities, got {probs.shape}")
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("slice probabilities must be finite and >= 0 (a broken model?)")
     if rule == "mean":
         study = probs.mean(axis=0)
     elif rule == "top-mean":
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        k = max(1, int(np.ceil(top_fraction * len(probs))))
+        # rounded first: 0.56 × 25 is 14.000000000000002 in floating point, and 14 are meant
+        k = max(1, math.ceil(round(top_fraction * len(probs), 9)))
         study = np.sort(probs, axis=0)[-k:].mean(axis=0)
         if "Normal" in classes:
             normal = classes.index("Normal")
@@ -95,5 +109,10 @@ def aggregate(
             study[normal] = max(0.0, 1.0 - study[disease].max()) if disease else study[normal]
     else:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    study = study / study.sum()
-    return classes[int(np.argmax(study))], tuple(float(p) for p in study)
+    total = study.sum()
+    if not total > 0:
+        raise ValueError("slice probabilities are all 0: nothing to normalise")
+    study = study / total
+    tied = [i for i in range(len(classes)) if study[i] == study.max()]
+    best = next((i for i in tied if classes[i] != "Normal"), tied[0])
+    return classes[best], tuple(float(p) for p in study)

@@ -436,6 +436,14 @@ def handle_accepted(event: evt.Event) -> None:
         requestor.implementation_class_uid,
         requestor.implementation_version_name or "",
     )
+    settings = association.ae.settings
+    known = set(settings.allowed_calling_aes) | {p.ae_title for p in settings.peers}
+    if settings.accept_any_calling_ae and requestor.ae_title.strip() not in known:
+        log.info(
+            "association from %s accepted: calling AE not in the allow-list "
+            "(accept_any_calling_ae)",
+            peer_of(association),
+        )
     if association.rejected_contexts and not association.accepted_contexts:
         offered = sorted({str(cx.abstract_syntax.name) for cx in association.rejected_contexts})
         log.warning(

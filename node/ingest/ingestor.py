@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import bindparam, func, literal, select, update
+from sqlalchemy import Boolean, bindparam, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
+from node.analysis.imaging import CT_STORAGE
 from node.ingest.part10 import DatasetMismatch, InstanceHeader, read_header
 from node.ingest.store import InstanceStore, StoreError
 from node.records import lifecycle
-from node.records.db import Instance, Series, Study, utcnow
+from node.records.db import Instance, Series, Study, describe, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Ingestor:
                 f"the dataset's SOP class {header.sop_class_uid} is not the command's "
                 f"{expected_sop_class}"
             )
-        return self._ingest(header, lambda key: self.store.adopt(key, spooled), source_ae)
+        return self._ingest(header, spooled, source_ae)
 
     def ingest_part10(self, data: bytes, source_ae: str | None) -> IngestResult:
         """Ingest a whole DICOM Part 10 file (as WADO-RS returns), kept byte for byte."""
@@ -121,17 +122,14 @@ class Ingestor:
             found = connection.execute(self.sql.instance_exists, {"uid": sop_instance_uid})
             return found.first() is not None
 
-    def _ingest(
-        self, header: InstanceHeader, keep: Callable[[str], int], source_ae: str | None
-    ) -> IngestResult:
+    def _ingest(self, header: InstanceHeader, spooled: Path, source_ae: str | None) -> IngestResult:
         key = self.store.key_for(header.sop_instance_uid)
-        # The file is always written before its row, so without a file there is no row
-        # and the common case costs a stat, not a query.
-        existed = self.store.exists(key)
-        if existed and self.is_stored(header.sop_instance_uid):
+        # The file is always in place before its row is committed, so without a file there
+        # is no row and the common case costs a stat, not a query.
+        if self.store.exists(key) and self.is_stored(header.sop_instance_uid):
             log.info("instance %s already stored: kept the first copy", header.sop_instance_uid)
             return IngestResult(Outcome.DUPLICATE, header, key)
-        size = keep(key)
+        size = self.store.settle(key, spooled)  # the costly fsync, before any lock is taken
         row = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -143,22 +141,30 @@ class Ingestor:
             "received_at": self.clock(),
         }
         try:
-            inserted = self._record(header, row)
+            inserted = self._record(header, row, spooled)
         except DBAPIError as exc:  # the database refused or is gone; not a coding error
             self._parents.clear()  # a rolled-back transaction may have created them
-            if not existed:
-                self.store.remove(key)
-            raise DatabaseUnavailable(f"database refused instance rows: {exc}") from exc
+            raise DatabaseUnavailable(f"database refused instance rows: {describe(exc)}") from exc
+        except StoreError:
+            self._parents.clear()
+            raise
         if not inserted:
+            log.info("instance %s stored meanwhile by another sender", header.sop_instance_uid)
             return IngestResult(Outcome.DUPLICATE, header, key)
         return IngestResult(Outcome.STORED, header, key)
 
-    def _record(self, header: InstanceHeader, row: dict) -> bool:
-        """Insert the instance row (and its study/series on first sight), bump the counts.
+    def _record(self, header: InstanceHeader, row: dict, spooled: Path) -> bool:
+        """Insert the instance row (and its study/series on first sight), move the file into
+        the store, bump the counts, all in one transaction.
 
-        Returns False when the instance already had a row (a concurrent sender won).
+        The file is moved only once this transaction's insert has won the instance's row,
+        and removed again if the transaction fails before its commit: while the insert is
+        undecided no other copy can commit a row for the instance (PostgreSQL makes a
+        concurrent insert of the same UID wait; SQLite has one writer), so a copy never
+        replaces or removes the file of a committed row. Returns False when the instance
+        already had a row (another copy won); its spooled file is then left untouched.
         """
-        now = row["received_at"]
+        now, key = row["received_at"], row["store_key"]
         with self.engine.begin() as connection:
             parents = self._parents.get(header.series_instance_uid)
             new_series = False
@@ -170,12 +176,25 @@ class Ingestor:
             ).scalar_one_or_none()
             if inserted is None:
                 return False
-            connection.execute(self.sql.bump_series, {"row_id": series_id, "at": now})
-            connection.execute(
-                self.sql.bump_study, {"row_id": study_id, "at": now, "new_series": int(new_series)}
-            )
-            if new_series:
-                connection.execute(self.sql.set_modalities, {"row_id": study_id})
+            try:
+                self.store.adopt(key, spooled)  # over a file left by a crash before its row
+                connection.execute(self.sql.bump_series, {"row_id": series_id, "at": now})
+                connection.execute(
+                    self.sql.bump_study,
+                    {
+                        "row_id": study_id,
+                        "at": now,
+                        "new_series": int(new_series),
+                        "reopens": header.sop_class_uid in CT_STORAGE,
+                    },
+                )
+                if new_series:
+                    connection.execute(self.sql.set_modalities, {"row_id": study_id})
+            except BaseException:
+                self.store.remove(key)  # still ours: the insert is not given up yet
+                raise
+        # A failed commit leaves the file: the row may exist after all, and a re-send
+        # replaces the file if it does not.
         self._parents.put(header.series_instance_uid, parents)
         return True
 
@@ -243,7 +262,7 @@ class _Statements:
                 instance_count=Study.instance_count + 1,
                 series_count=Study.series_count + bindparam("new_series"),
                 last_received_at=bindparam("at"),
-                status=lifecycle.status_on_arrival(),
+                status=lifecycle.status_on_arrival(bindparam("reopens", type_=Boolean)),
             )
         )
         modalities = (

@@ -7,6 +7,11 @@ per PS3.5 6.2.2) and finds the delimiter of encapsulated pixel data. pydicom
 itself is lenient with a file that ends early (it stops at the end of the
 file), so the walk also checks that the last element ends exactly where the
 file does: a dataset cut anywhere is refused, not stored half.
+
+Every kept value is kept as sent, however long (up to the 1 KiB read: a longer one is
+read as absent) and whether or not it conforms to its VR: a PACS that holds it must
+be able to send it. UIDs that are not valid DICOM UIDs are kept too; the store never
+makes a path of one.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-
-from node.ingest.store import check_uid
 
 _HEADER_KEYWORDS = [
     "SpecificCharacterSet",
@@ -246,16 +249,18 @@ def _header(found: dict[int, RawDataElement], syntax: str) -> InstanceHeader:
                 decoded = value.decode("ascii")
         except (UnicodeDecodeError, LookupError, ValueError):
             return None
-        return decoded.strip(" \x00") or None
+        # NUL is padding in DICOM, and PostgreSQL text cannot hold it: drop it anywhere.
+        return decoded.replace("\x00", "").strip(" ") or None
 
     def uid(keyword: str) -> str:
+        # Kept as sent even when not a valid DICOM UID (UUID strings, over 64 characters:
+        # de-identified sets hold them); the store never makes a path of one (key_for).
         value = text(keyword)
         if not value:
             raise DatasetError(f"the dataset has no {keyword}")
-        try:
-            return check_uid(value, keyword)
-        except ValueError as exc:
-            raise DatasetError(str(exc)) from exc
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise DatasetError(f"the dataset's {keyword} holds control characters")
+        return value
 
     def integer(keyword: str) -> int | None:
         value = text(keyword)

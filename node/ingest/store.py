@@ -12,7 +12,9 @@ from pathlib import Path
 
 from node.atomic import atomic_open, fsync_folder
 
-UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+FOLDER_MODE = 0o700  # the store holds PHI: only the node's own user may enter it
+FILE_MODE = 0o600  # as the spooled files that become instances (mkstemp makes them 0600)
 
 
 class StoreError(OSError):
@@ -28,9 +30,14 @@ class StoreError(OSError):
         return f"cannot write {self.key} in the store: {self.strerror}"
 
 
+def is_uid(value: object) -> bool:
+    """Whether ``value`` is a valid DICOM UID (PS3.5 9.1): digits and dots, at most 64."""
+    return isinstance(value, str) and len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
+
+
 def check_uid(value: str, name: str = "UID") -> str:
     """Return ``value`` if it is a valid DICOM UID (so it is safe as a file name), else raise."""
-    if not isinstance(value, str) or len(value) > 64 or not UID_PATTERN.match(value):
+    if not is_uid(value):
         raise ValueError(f"{name} is not a valid DICOM UID: {value!r}")
     return value
 
@@ -43,8 +50,11 @@ class InstanceStore:
     """Files under ``root/abc/<SOPInstanceUID>.dcm``, where ``abc`` starts the UID's SHA-1.
 
     The hash spreads a study over many folders so none grows huge; the UID itself
-    stays in the name so an administrator can find a file by hand. The folders are
-    made (and synced) once, by :meth:`prepare`, so a write syncs only its own folder.
+    stays in the name so an administrator can find a file by hand. A SOP Instance UID
+    that is not a valid DICOM UID (a UUID string, an over-long UID: some PACS hold
+    them) is never part of a path: its file is ``root/abc/h<SHA-256 of the UID>.dcm``.
+    The folders are made (and synced) once, by :meth:`prepare`, so a write syncs only
+    its own folder; every folder is private (0700) and every file 0600.
     """
 
     def __init__(self, root: Path) -> None:
@@ -57,7 +67,7 @@ class InstanceStore:
         try:
             self._make_folder(self.root)
             for index in range(16**FANOUT_DIGITS):
-                (self.root / f"{index:0{FANOUT_DIGITS}x}").mkdir(exist_ok=True)
+                (self.root / f"{index:0{FANOUT_DIGITS}x}").mkdir(FOLDER_MODE, exist_ok=True)
             fsync_folder(self.root)
         except OSError as exc:
             raise StoreError(
@@ -65,10 +75,15 @@ class InstanceStore:
             ) from exc
 
     def key_for(self, sop_instance_uid: str) -> str:
-        """The store key (relative path) of an instance."""
-        check_uid(sop_instance_uid, "SOPInstanceUID")
-        digest = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()
-        return f"{digest[:FANOUT_DIGITS]}/{sop_instance_uid}.dcm"
+        """The store key (relative path) of an instance: its UID as the file name when it
+        is a valid DICOM UID, else a hash of it (``h`` and hex digits: never a UID)."""
+        if not sop_instance_uid:
+            raise ValueError("an instance without a SOPInstanceUID has no store key")
+        encoded = sop_instance_uid.encode("utf-8", "surrogatepass")
+        digest = hashlib.sha1(encoded).hexdigest()
+        if is_uid(sop_instance_uid):
+            return f"{digest[:FANOUT_DIGITS]}/{sop_instance_uid}.dcm"
+        return f"{digest[:FANOUT_DIGITS]}/h{hashlib.sha256(encoded).hexdigest()}.dcm"
 
     def path(self, key: str) -> Path:
         """The absolute path of a store key."""
@@ -94,33 +109,45 @@ class InstanceStore:
         try:
             self._make_folder(target.parent)
             size = 0
-            with atomic_open(target, mode=0o640) as out:
+            with atomic_open(target, mode=FILE_MODE) as out:
                 for part in parts:
                     size += out.write(part)
         except OSError as exc:
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
         return size
 
-    def adopt(self, key: str, spooled: Path) -> int:
-        """Move a file spooled in :meth:`spool_folder` to ``key`` durably (fsync, rename,
-        fsync folder): a received dataset is never copied. Returns its size.
+    def settle(self, key: str, spooled: Path) -> int:
+        """Make a file spooled in :meth:`spool_folder` durable where it is (fsync) and
+        private (0600), before :meth:`adopt` moves it to ``key``. Returns its size.
 
         Raises :class:`StoreError`; the spooled file is then left to its owner.
+        """
+        try:
+            fd = os.open(spooled, os.O_RDONLY)
+            try:
+                os.fchmod(fd, FILE_MODE)
+                os.fsync(fd)
+                return os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
+
+    def adopt(self, key: str, spooled: Path) -> None:
+        """Move a spooled file made ready by :meth:`settle` to ``key`` durably (rename, fsync
+        folder), replacing what is there: a received dataset is never copied.
+
+        The caller must hold the instance's row undecided (its uncommitted insert) so
+        that no other copy's file can be under ``key``. Raises :class:`StoreError`; the
+        spooled file is then left to its owner.
         """
         target = self.path(key)
         try:
             self._make_folder(target.parent)
-            fd = os.open(spooled, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
             os.replace(spooled, target)
             fsync_folder(target.parent)
         except OSError as exc:
             raise StoreError(exc.errno, exc.strerror or str(exc), key) from exc
-        return size
 
     def spool_folder(self) -> Path:
         """A private folder for this process's incoming datasets, on the store's file system
@@ -160,7 +187,8 @@ class InstanceStore:
         while not probe.exists():
             missing.append(probe)
             probe = probe.parent
-        folder.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            created.mkdir(FOLDER_MODE, exist_ok=True)
         # A new folder's entry lives in its parent: sync the parents so it survives a crash.
         for created in reversed(missing):
             fsync_folder(created.parent)

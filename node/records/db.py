@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -74,17 +77,21 @@ class Study(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    patient_id: Mapped[str | None] = mapped_column(String(64))
-    patient_name: Mapped[str | None] = mapped_column(String(324))
-    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
-    study_time: Mapped[str | None] = mapped_column(String(16))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
-    study_description: Mapped[str | None] = mapped_column(String(64))
-    modalities: Mapped[str] = mapped_column(String(64), default="")
+    # Received values are Text: a PACS sends over-long and non-conforming values (UUID
+    # UIDs, 40-character accession numbers) and each must be stored, never refused.
+    study_instance_uid: Mapped[str] = mapped_column(Text, unique=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(Text)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    study_date: Mapped[str | None] = mapped_column(Text, index=True)
+    study_time: Mapped[str | None] = mapped_column(Text)
+    accession_number: Mapped[str | None] = mapped_column(Text)
+    study_description: Mapped[str | None] = mapped_column(Text)
+    modalities: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default=StudyStatus.RECEIVING, index=True)
     status_reason: Mapped[str | None] = mapped_column(String(1024))
     retries: Mapped[int] = mapped_column(Integer, default=0)
+    # analysis runs abandoned since the study was last queued afresh (lifecycle.abandon_run)
+    analysis_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     series_count: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
@@ -101,10 +108,10 @@ class Series(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    modality: Mapped[str | None] = mapped_column(String(16))
+    series_instance_uid: Mapped[str] = mapped_column(Text, unique=True, index=True)
+    modality: Mapped[str | None] = mapped_column(Text)
     series_number: Mapped[int | None] = mapped_column(Integer)
-    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(Text)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -120,13 +127,13 @@ class Instance(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(Text, unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(Text)
+    transfer_syntax_uid: Mapped[str] = mapped_column(Text)
     instance_number: Mapped[int | None] = mapped_column(Integer)
-    store_key: Mapped[str] = mapped_column(String(255))
+    store_key: Mapped[str] = mapped_column(String(255))  # InstanceStore.key_for: short
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    source_ae: Mapped[str | None] = mapped_column(String(16))
+    source_ae: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -156,6 +163,7 @@ class Analysis(Base):
     worker: Mapped[str | None] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the worker is alive
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     rule: Mapped[str | None] = mapped_column(String(32))
     predicted_class: Mapped[str | None] = mapped_column(String(32))
@@ -178,7 +186,7 @@ class SlicePrediction(Base):
         ForeignKey("analysis.id", ondelete="CASCADE"), index=True
     )
     position: Mapped[int] = mapped_column(Integer)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(Text)  # as received, as Instance's
     frame: Mapped[int | None] = mapped_column(Integer)
     probabilities: Mapped[dict] = mapped_column(JSON)
 
@@ -189,6 +197,7 @@ class ReportStatus(enum.StrEnum):
     """Delivery of one SR to the PACS."""
 
     PENDING = "pending"
+    SENDING = "sending"  # claimed by one worker (Report.claimed_at) until it records the outcome
     RETRYING = "retrying"
     SENT = "sent"
     FAILED = "failed"
@@ -212,6 +221,8 @@ class Report(Base):
     next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a re-send asked for
     last_error: Mapped[str | None] = mapped_column(String(1024))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # while ``sending``
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first failure of a run
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -266,14 +277,25 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     role: Mapped[str] = mapped_column(String(16), default=UserRole.RADIOLOGIST)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class SignInThrottle(Base):
+    """Failed sign-ins counted per client address or per user name (``node.records.sign_in``):
+    past a free number, the next attempt must wait until ``blocked_until``."""
+
+    __tablename__ = "sign_in_throttle"
+
+    key: Mapped[str] = mapped_column(String(160), primary_key=True)  # address:… or user:…
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    blocked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AuditEvent(Base):
-    """Who did what, when: every label, verdict, export and re-send (visible to admins)."""
+    """Who did what, when and from which client address: sign-ins, reads of patient data,
+    labels, verdicts, exports, uploads, re-sends and account changes (visible to admins)."""
 
     __tablename__ = "audit_event"
 
@@ -285,6 +307,7 @@ class AuditEvent(Base):
         ForeignKey("study.id", ondelete="SET NULL"), index=True
     )
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    client_address: Mapped[str | None] = mapped_column(String(64), index=True)  # None: CLI
 
 
 class Verdict(Base):
@@ -323,6 +346,7 @@ class ExportStatus(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    EXPIRED = "expired"  # done, then its files deleted after ``export_retention_days``
 
 
 class ExportJob(Base):
@@ -345,15 +369,58 @@ class ExportJob(Base):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and full durability."""
+    """An engine for ``url`` whose errors never carry a stored value (patient names, IDs):
+    the statement's parameters are hidden, and PostgreSQL's DETAIL (the failing row, the
+    conflicting key) is dropped from the error text. SQLite gets WAL, a busy timeout and
+    full durability, and its file is made private (0600; its -wal and -shm follow it)."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        path = make_url(url).database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            _private_database_file(Path(path))
+        engine = create_engine(
+            url, hide_parameters=True, connect_args={"timeout": 30, "check_same_thread": False}
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    else:
+        engine = create_engine(
+            url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=20
+        )
+    event.listen(engine, "handle_error", _without_values)
+    return engine
+
+
+def describe(exc: DBAPIError) -> str:
+    """One line on a database error for a log or a stored reason: the driver's error class
+    and its first line (SQLSTATE message or connection failure), with no value in it."""
+    orig = exc.orig if exc.orig is not None else exc
+    first = (str(orig).strip().splitlines() or [""])[0]
+    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
+
+
+def _without_values(context) -> None:
+    """``handle_error``: keep only the server's primary message in the driver's error and in
+    SQLAlchemy's (PostgreSQL's DETAIL line lists the failing row: patient data)."""
+    orig = context.original_exception
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if not primary or not orig.args or primary == str(orig):
+        return
+    orig.args = (primary,)
+    wrapped = context.sqlalchemy_exception
+    if wrapped is not None and wrapped.args:
+        name = f"{type(orig).__module__}.{type(orig).__name__}"
+        wrapped.args = (f"({name}) {primary}", *wrapped.args[1:])
+
+
+def _private_database_file(path: Path) -> None:
+    """Create the SQLite file 0600 in a 0700 folder before SQLite does (it would use the
+    umask, typically 0644: the database holds patient data). An existing file is kept."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -56,6 +57,7 @@ from node.settings import Settings
 if TYPE_CHECKING:
     from node.runtime import Node
 
+log = logging.getLogger(__name__)
 SOURCE = "ainode-export"
 KEY_HEX_CHARS = 32
 SALT_FILE = "export_salt"
@@ -67,13 +69,16 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class ExportSummary:
-    """What an export wrote: images and studies per class, patients, skipped studies."""
+    """What an export wrote: images and studies per class, patients, skipped studies, and
+    instances left out because their pixel data is too large to decode (study and instance
+    keys and the reason)."""
 
     out_dir: Path
     images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
     studies: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
     patients: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped_instances: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """The counts as export.json has them, plus where the bundle is."""
@@ -83,6 +88,7 @@ class ExportSummary:
             "studies": dict(self.studies),
             "patients": self.patients,
             "skipped": list(self.skipped),
+            "skipped_instances": list(self.skipped_instances),
         }
 
 
@@ -110,31 +116,16 @@ def export_salt(settings: Settings) -> bytes:
         return settings.export_salt.encode("utf-8")
     path = settings.data_dir / SALT_FILE
     if not path.exists():
-        _create_salt_file(path)
+        # made once, 0600, never replaced: two first exports agree on one salt (a salt lost
+        # in a crash would re-key later exports, so it is synced)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.create_exclusive(path, (secrets.token_hex(32) + "\n").encode("ascii"))
     salt = path.read_text(encoding="ascii").strip()
     if len(salt) < MIN_SALT_LENGTH:
         raise RuntimeError(
             f"the export salt in {path} is shorter than {MIN_SALT_LENGTH} characters"
         )
     return salt.encode("ascii")
-
-
-def _create_salt_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(temp, path)  # atomic and never overwrites: two first exports agree on one salt
-    except FileExistsError:
-        pass  # another export made it first; that salt is the one
-    finally:
-        temp.unlink()
-    atomic.fsync_folder(path.parent)  # a salt lost in a crash would re-key later exports
 
 
 @dataclass(frozen=True)
@@ -169,7 +160,12 @@ class LabelFilter:
 
 
 class _Skip(Exception):
-    """A study that is not exported; the reason carries no PHI."""
+    """A study that is not exported; the reason carries no PHI. ``refused``: its instances
+    too large to decode (SOP Instance UID → reason), as :class:`_Slices` has them."""
+
+    def __init__(self, reason: str, refused: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.refused = refused or {}
 
 
 @dataclass
@@ -181,6 +177,7 @@ class _Slices:
     datasets: list[Dataset]
     frames: list[tuple[Dataset, int]]
     pixels: np.ndarray
+    refused: dict[str, str] = field(default_factory=dict)  # too large to decode: not exported
 
 
 def export_bundle(
@@ -277,7 +274,9 @@ def _write_bundle(
             chosen = _study_slices(node, study_uid, labels, options, mapping)
         except _Skip as skip:
             summary.skipped.append({"study": keys.key(study_uid), "reason": str(skip)})
+            _note_refused(summary, keys, study_uid, skip.refused)
         else:
+            _note_refused(summary, keys, study_uid, chosen.refused)
             patient = _patient_key(keys, chosen.datasets[0], study_uid)
             rows += _write_images(folder, keys, chosen, study_uid, patient, options)
             summary.images[chosen.label] += len(chosen.frames)
@@ -288,6 +287,17 @@ def _write_bundle(
     summary.patients = len(patients)
     _write_manifest(folder / MANIFEST_FILE, rows)
     return summary
+
+
+def _note_refused(
+    summary: ExportSummary, keys: Pseudonymizer, study_uid: str, refused: Mapping[str, str]
+) -> None:
+    """Record (and log, by key) the instances left out as too large to decode."""
+    study = keys.key(study_uid)
+    for sop_uid, reason in refused.items():
+        instance = keys.key(sop_uid)
+        summary.skipped_instances.append({"study": study, "instance": instance, "reason": reason})
+        log.warning("export: instance %s of study %s left out: %s", instance, study, reason)
 
 
 def _selected_studies(node: Node, selection: LabelFilter) -> list[tuple[str, list[Label]]]:
@@ -327,21 +337,31 @@ def _study_slices(
     series_ids = {series_uid: series_id for _key, series_id, series_uid in instances}
     if not any(label.series_id is not None for label in labels):
         _label(labels, None, mapping)  # skip excluded studies before reading pixels
+    paths = [node.store.path(key) for key, *_ in instances]
     try:
-        datasets, _ = eligible_series([node.store.path(key) for key, *_ in instances])
-    except AnalysisError:
-        raise _Skip("no usable CT series") from None
+        datasets, skipped = eligible_series(paths, options.limits)  # never decodes a bomb
+    except AnalysisError as exc:
+        raise _Skip("no usable CT series", _too_large(exc.skipped)) from None
     except (InvalidDicomError, OSError):
         raise _Skip("stored instance files cannot be read") from None
+    refused = _too_large(skipped)
     series_id = series_ids[str(datasets[0].SeriesInstanceUID)]
-    label, keyword = _label(labels, series_id, mapping)
+    try:
+        label, keyword = _label(labels, series_id, mapping)
+    except _Skip as skip:
+        raise _Skip(str(skip), refused) from None
     try:
         frames, pixels = windowed_lung_slices(datasets, options)
     except AnalysisError:
-        raise _Skip("no lung-bearing slices") from None
+        raise _Skip("no lung-bearing slices", refused) from None
     except imaging.ImagingError:
-        raise _Skip("pixel data cannot be read") from None
-    return _Slices(label, keyword, datasets, frames, pixels)
+        raise _Skip("pixel data cannot be read", refused) from None
+    return _Slices(label, keyword, datasets, frames, pixels, refused)
+
+
+def _too_large(skipped: Mapping[str, str]) -> dict[str, str]:
+    """The skipped instances whose pixel data is too large to decode, with the reason."""
+    return {uid: why for uid, why in skipped.items() if why.startswith(imaging.TOO_LARGE)}
 
 
 def _label(
@@ -448,6 +468,7 @@ def _export_info(
             "patients": summary.patients,
         },
         "skipped": summary.skipped,
+        "skipped_instances": summary.skipped_instances,
     }
 
 

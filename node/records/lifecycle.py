@@ -1,9 +1,10 @@
 """The study lifecycle: the one place that moves ``Study.status``.
 
 Every status a study takes is set here: its first (:data:`INITIAL`, used by the ingest's
-insert), ``stable`` → ``receiving`` when an instance arrives late (:func:`status_on_arrival`,
-in the ingest's own statement), the sweeper's and the workers' moves (:func:`move_where`),
-and the allowed transitions between them (:data:`ALLOWED`).
+insert), back to ``receiving`` when an instance arrives late (:func:`status_on_arrival`,
+in the ingest's own statement), the sweeper's and the workers' moves (:func:`move_where`,
+and :func:`end_run`/:func:`abandon_run` at the end of an analysis run), and the allowed
+transitions between them (:data:`ALLOWED`).
 """
 
 from __future__ import annotations
@@ -11,23 +12,25 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, exists, literal, select, update
 from sqlalchemy.orm import Session
 
-from node.records.db import Study, StudyStatus, utcnow
+from node.records.db import Analysis, Study, StudyStatus, utcnow
 
 log = logging.getLogger(__name__)
 
 S = StudyStatus
 INITIAL = S.RECEIVING  # a study's status when its first instance is stored
+# Every status goes back to ``receiving`` when an instance arrives (status_on_arrival):
+# a result, a report or a failure is about the instances the study had then.
 ALLOWED: dict[StudyStatus, frozenset[StudyStatus]] = {
     S.RECEIVING: frozenset({S.STABLE, S.FAILED}),
     S.STABLE: frozenset({S.RECEIVING, S.QUEUED, S.FAILED}),
-    S.QUEUED: frozenset({S.ANALYZING, S.STABLE, S.FAILED}),
-    S.ANALYZING: frozenset({S.ANALYZED, S.QUEUED, S.FAILED}),
-    S.ANALYZED: frozenset({S.REPORTED, S.QUEUED, S.FAILED}),
-    S.REPORTED: frozenset({S.QUEUED}),
-    S.FAILED: frozenset({S.QUEUED, S.STABLE}),
+    S.QUEUED: frozenset({S.RECEIVING, S.ANALYZING, S.STABLE, S.FAILED}),
+    S.ANALYZING: frozenset({S.RECEIVING, S.ANALYZED, S.QUEUED, S.FAILED}),
+    S.ANALYZED: frozenset({S.RECEIVING, S.REPORTED, S.QUEUED, S.FAILED}),
+    S.REPORTED: frozenset({S.RECEIVING, S.QUEUED}),
+    S.FAILED: frozenset({S.RECEIVING, S.QUEUED, S.STABLE}),
 }
 
 
@@ -120,6 +123,8 @@ def move_where(
     values = {"status": to, "status_reason": reason, "status_changed_at": now}
     if to is S.FAILED:
         values["retries"] = Study.retries + 1
+    if to is S.QUEUED and S.ANALYZING not in allowed_from:
+        values["analysis_attempts"] = 0  # queued afresh (stable again, or a person asked)
     result = session.execute(
         update(Study)
         .where(*condition)
@@ -130,6 +135,76 @@ def move_where(
         log.info("study %d -> %s%s", study_id, to, f" ({reason})" if reason else "")
         return True
     return False
+
+
+def _run_owns_study(study_id: int, analysis_id: int) -> list:
+    """The study is ``analyzing`` for run ``analysis_id``: no instance arrived since (that
+    would have made it ``receiving``) and no newer run claimed it."""
+    newer = exists().where(Analysis.study_id == study_id, Analysis.id > analysis_id)
+    return [Study.id == study_id, Study.status == S.ANALYZING, ~newer]
+
+
+def end_run(
+    session: Session,
+    study_id: int,
+    analysis_id: int,
+    to: StudyStatus,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Move a study out of ``analyzing`` at the end of run ``analysis_id`` (``analyzed`` or
+    ``failed``), only while that run owns it; False when it does not (caller discards the
+    run's result; caller commits)."""
+    if to not in ALLOWED[S.ANALYZING]:
+        raise TransitionError(f"study {study_id}: {S.ANALYZING} -> {to} not allowed")
+    values = {"status": to, "status_reason": reason, "status_changed_at": now or utcnow()}
+    if to is S.FAILED:
+        values["retries"] = Study.retries + 1
+    result = session.execute(
+        update(Study)
+        .where(*_run_owns_study(study_id, analysis_id))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    log.info("study %d -> %s%s", study_id, to, f" ({reason})" if reason else "")
+    return True
+
+
+def abandon_run(
+    session: Session,
+    study_id: int,
+    analysis_id: int,
+    reason: str,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> StudyStatus | None:
+    """Run ``analysis_id`` ended without a result: the study goes back to ``queued``, or to
+    ``failed`` with ``reason`` once it has used ``max_attempts`` runs. Returns the new status,
+    or None when the run no longer owns the study (caller commits)."""
+    attempts = Study.analysis_attempts + 1
+    give_up = attempts >= max_attempts
+    result = session.execute(
+        update(Study)
+        .where(*_run_owns_study(study_id, analysis_id))
+        .values(
+            analysis_attempts=attempts,
+            status=case((give_up, literal(S.FAILED.value)), else_=literal(S.QUEUED.value)),
+            status_reason=case(
+                (give_up, literal(f"gave up after {max_attempts} attempts: {reason}"[:1024])),
+                else_=literal(reason[:1024]),
+            ),
+            retries=case((give_up, Study.retries + 1), else_=Study.retries),
+            status_changed_at=now or utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    status = S(session.scalar(select(Study.status).where(Study.id == study_id)))
+    log.info("study %d -> %s (%s)", study_id, status, reason)
+    return status
 
 
 def touch(session: Session, study_id: int, now: datetime | None = None) -> None:
@@ -143,8 +218,15 @@ def touch(session: Session, study_id: int, now: datetime | None = None) -> None:
     )
 
 
-def status_on_arrival():
-    """The SQL value of ``Study.status`` when one more instance arrives: a study already
-    judged complete (``stable``) is ``receiving`` again; any other keeps its status. The
-    ingest's own statement uses it, so receiving costs no extra query."""
-    return case((Study.status == S.STABLE, S.RECEIVING), else_=Study.status)
+def status_on_arrival(reopens):
+    """The SQL value of ``Study.status`` when one more instance arrives: ``receiving`` when
+    ``reopens`` (a SQL boolean: the instance is an image the analysis reads) or the study
+    is still ``stable``; any other instance (an SR, the node's own SR forwarded back by the
+    PACS, a key-object note) leaves a finished study as it is, or the node would analyse
+    and report it again for ever. A result made meanwhile would describe part of the
+    study, so a running analysis discards its result (:func:`end_run`), and the study is
+    analysed again, with a new report, once it is stable. The ingest's own statement uses
+    it, so receiving costs no extra query."""
+    return case(
+        (reopens | (Study.status == S.STABLE), literal(S.RECEIVING.value)), else_=Study.status
+    )

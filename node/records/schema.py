@@ -24,9 +24,18 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database behind ``engine`` to ``revision``."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    with engine.connect() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        try:
+            with connection.begin():
+                command.upgrade(config, revision)
+        finally:
+            if connection.dialect.name == "sqlite":
+                # migrations/env.py turns foreign keys off to migrate, and its pragma to turn
+                # them on again does nothing inside the transaction: this connection would go
+                # back to the pool (the node's own, after build_node(migrate=True)) without
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -1,10 +1,9 @@
-"""Web UI users: creation, password hashing and sign-in with a bound on failed attempts."""
+"""Web UI users: creation, password hashing and the password check of a sign-in."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,14 +16,6 @@ MIN_PASSWORD_LENGTH = 10
 # Checked against when the user does not exist, so a wrong name costs as long as a wrong
 # password and timing does not tell which names exist.
 _DUMMY_HASH = generate_password_hash("not a real password")
-
-
-@dataclass(frozen=True)
-class SignIn:
-    """The outcome of a sign-in attempt: the user, or the message to show."""
-
-    user: User | None
-    message: str = ""
 
 
 def check_password(password: str) -> str:
@@ -60,35 +51,25 @@ def add_user(
 
 
 def set_password(user: User, password: str) -> None:
-    """Replace the user's password and lift a lock-out."""
+    """Replace the user's password (the caller also forgets the user's sign-in delays:
+    :func:`node.records.sign_in.forget`)."""
     user.password_hash = generate_password_hash(check_password(password))
-    user.failed_logins, user.locked_until = 0, None
 
 
 def authenticate(
-    session: Session,
-    username: str,
-    password: str,
-    max_failed: int = 5,
-    lockout: timedelta = timedelta(minutes=15),
-    now: datetime | None = None,
-) -> SignIn:
-    """Check a user name and password; after ``max_failed`` wrong passwords in a row the
-    account is locked for ``lockout`` (the caller commits the counters)."""
-    now = now or utcnow()
+    session: Session, username: str, password: str, now: datetime | None = None
+) -> User | None:
+    """The active user with this name and password, or None.
+
+    A hash is always verified (the dummy one for an unknown or disabled user), so the time
+    an answer takes does not tell which names exist; throttling is
+    :mod:`node.records.sign_in`'s. The caller commits ``last_login_at``.
+    """
     user = session.scalar(select(User).where(User.username == username))
     if user is None or not user.active:
         check_password_hash(_DUMMY_HASH, password)
-        return SignIn(None, "Wrong user name or password.")
-    if user.locked_until is not None and user.locked_until > now:
-        minutes = max(1, round((user.locked_until - now).total_seconds() / 60))
-        return SignIn(None, f"Too many failed sign-ins: try again in {minutes} min.")
+        return None
     if not check_password_hash(user.password_hash, password):
-        user.failed_logins += 1
-        if user.failed_logins >= max_failed:
-            user.locked_until, user.failed_logins = now + lockout, 0
-            minutes = round(lockout.total_seconds() / 60)
-            return SignIn(None, f"Too many failed sign-ins: try again in {minutes} min.")
-        return SignIn(None, "Wrong user name or password.")
-    user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
-    return SignIn(user)
+        return None
+    user.last_login_at = now or utcnow()
+    return user

@@ -4,14 +4,17 @@ The web UI creates the row (queued) and hands its id to the ``exports`` queue; a
 claims it, re-reads its parameters and writes progress (with a heartbeat), counts and
 outcome to the row, so the page only ever reads the database. The sweeper hands a queued
 job out again when its message was lost, and fails a running job whose worker stopped
-beating (``analysis_timeout_seconds``) as interrupted.
+beating (``analysis_timeout_seconds``) as interrupted, and deletes the bundles of jobs
+finished more than ``export_retention_days`` ago (the job is then ``expired``). A failed
+job's partial bundle is deleted when it fails.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +62,7 @@ def run_export_job(node: Node, job_id: int) -> None:
         )
     except Exception as exc:  # the job's boundary: any failure becomes a FAILED row, logged
         log.exception("export job %s failed", job_id)
+        _remove_bundle(node.settings, folder)  # a partial bundle is of no use
         _finish(node, job_id, ExportStatus.FAILED, error=failure_reason(exc))
         return
     _finish(node, job_id, ExportStatus.DONE, folder=str(folder), counts=job_counts(summary))
@@ -153,3 +157,37 @@ def due_exports(session: Session, now: datetime, stale: datetime, dead: datetime
         )
         log.warning("export jobs %s were interrupted", lost)
     return due
+
+
+def expire_exports(session: Session, settings: Settings, now: datetime) -> list[int]:
+    """Delete the bundles of jobs finished more than ``export_retention_days`` before
+    ``now`` and mark those jobs expired. Caller commits (a pass whose commit fails is
+    redone: deleting a deleted folder is nothing)."""
+    cutoff = now - timedelta(days=settings.export_retention_days)
+    jobs = session.scalars(
+        select(ExportJob).where(
+            ExportJob.status == ExportStatus.DONE, ExportJob.finished_at <= cutoff
+        )
+    ).all()
+    for job in jobs:
+        if job.folder:
+            _remove_bundle(settings, Path(job.folder))
+        job.status = ExportStatus.EXPIRED
+    if jobs:
+        log.info("export jobs %s expired: their bundles were deleted", [job.id for job in jobs])
+    return [job.id for job in jobs]
+
+
+def _remove_bundle(settings: Settings, folder: Path) -> None:
+    """Delete an export bundle, only ever under the exports folder."""
+    root = exports_root(settings).resolve()
+    target = folder.resolve()
+    if target == root or not target.is_relative_to(root):
+        log.error("not deleting %s: it is not an export bundle under %s", folder, root)
+        return
+    try:
+        shutil.rmtree(target)
+    except FileNotFoundError:
+        pass  # already gone: nothing to delete
+    except OSError as exc:  # logged once; the sweeper must go on
+        log.error("export bundle %s could not be deleted: %s", folder, exc)

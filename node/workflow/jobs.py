@@ -9,12 +9,18 @@ delivered by :mod:`node.reporting.delivery`.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from node.analysis.analyze import AnalysisError, AnalysisOptions, analyze_instances
+from node.analysis.imaging import ImagingError
 from node.analysis.result import ModelIdentity
 from node.records import lifecycle
 from node.records.db import (
@@ -34,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 S = StudyStatus
+# The same files fail the same way every time: the study fails at once, with the reason.
+UNREADABLE = (InvalidDicomError, ImagingError, ValueError, EOFError, NotImplementedError)
+# The host's trouble, not the study's (a database hiccup, a full disk): the run is handed
+# back without using one of the study's attempts. A stored file that is gone is not.
+TRANSIENT = (OperationalError, OSError)
 
 
 def claim_study(node: Node, study_id: int, model: ModelIdentity, worker: str) -> int | None:
@@ -79,46 +90,92 @@ def run_analysis(
 ) -> int | None:
     """Analyse one study end to end; returns the new report id (or None).
 
-    A study that cannot be analysed (no CT, no lungs) fails with its reason; any
-    other error propagates, after the study is handed back to the queue, so the
-    task layer can retry it.
+    A study that cannot be analysed (no CT, no lungs, an unreadable file) fails with its
+    reason; any other error propagates, after the study is handed back to the queue, so
+    the task layer can retry it; after ``analysis_max_attempts`` such runs it fails with
+    the last error.
     """
     analysis_id = claim_study(node, study_id, bundle.info.identity(), worker)
     if analysis_id is None:
         log.info("study %d is not waiting for analysis; nothing to do", study_id)
         return None
     try:
-        outcome = analyze_instances(
-            instance_paths(node, study_id), bundle, AnalysisOptions.from_settings(node.settings)
-        )
+        with heartbeat(node, analysis_id, node.settings.analysis_timeout_seconds / 6):
+            outcome = analyze_instances(
+                instance_paths(node, study_id),
+                bundle,
+                AnalysisOptions.from_settings(node.settings),
+            )
     except AnalysisError as exc:
         _finish_failed(node, study_id, analysis_id, str(exc))
         return None
+    except UNREADABLE as exc:
+        _finish_failed(node, study_id, analysis_id, f"unreadable: {type(exc).__name__}: {exc}")
+        return None
     except Exception as exc:
-        _abandon(node, study_id, analysis_id, f"{type(exc).__name__}: {exc}")
+        counted = not isinstance(exc, TRANSIENT) or isinstance(exc, FileNotFoundError)
+        _abandon(node, study_id, analysis_id, f"{type(exc).__name__}: {exc}", counted)
         raise
     return _record(node, study_id, analysis_id, outcome)
+
+
+@contextmanager
+def heartbeat(node: Node, analysis_id: int, every: float) -> Iterator[None]:
+    """Record that run ``analysis_id`` is alive every ``every`` s while the block runs, in its
+    own session: the sweeper takes a run for lost only when its heartbeat stops."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                with node.session_factory() as session, session.begin():
+                    session.execute(
+                        update(Analysis)
+                        .where(
+                            Analysis.id == analysis_id, Analysis.status == AnalysisStatus.RUNNING
+                        )
+                        .values(heartbeat_at=utcnow())
+                    )
+            except SQLAlchemyError:  # the next beat may get through; the run goes on
+                log.warning("analysis %d: heartbeat not recorded", analysis_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{analysis_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _finish_failed(node: Node, study_id: int, analysis_id: int, reason: str) -> None:
     with node.session_factory() as session, session.begin():
         session.execute(
             update(Analysis)
-            .where(Analysis.id == analysis_id)
+            .where(Analysis.id == analysis_id, Analysis.status == AnalysisStatus.RUNNING)
             .values(status=AnalysisStatus.FAILED, error=reason[:2048], finished_at=utcnow())
         )
-        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.FAILED, reason=reason[:1024])
-    log.warning("study %d cannot be analysed: %s", study_id, reason)
+        failed = lifecycle.end_run(session, study_id, analysis_id, S.FAILED, reason[:1024])
+    if failed:
+        log.warning("study %d cannot be analysed: %s", study_id, reason)
 
 
-def _abandon(node: Node, study_id: int, analysis_id: int, reason: str) -> None:
+def _abandon(node: Node, study_id: int, analysis_id: int, reason: str, counted: bool) -> None:
+    """Hand a study back after a run that raised: to the queue, or ``failed`` when that was
+    its last attempt (``counted``; an uncounted run goes back to the queue as it is)."""
+    settings = node.settings
     with node.session_factory() as session, session.begin():
         session.execute(
             update(Analysis)
             .where(Analysis.id == analysis_id, Analysis.status == AnalysisStatus.RUNNING)
             .values(status=AnalysisStatus.ABANDONED, error=reason[:2048], finished_at=utcnow())
         )
-        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.QUEUED, reason=reason[:1024])
+        if counted:
+            lifecycle.abandon_run(
+                session, study_id, analysis_id, reason, settings.analysis_max_attempts
+            )
+        else:
+            lifecycle.end_run(session, study_id, analysis_id, S.QUEUED, reason[:1024])
 
 
 def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
@@ -143,6 +200,15 @@ def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
         if done != 1:  # the sweeper gave up on this run meanwhile; another run owns the study
             log.warning("analysis %d was abandoned meanwhile; result discarded", analysis_id)
             return None
+        if not lifecycle.end_run(session, study_id, analysis_id, S.ANALYZED):
+            reason = "the study changed during the analysis (more instances); result discarded"
+            session.execute(
+                update(Analysis)
+                .where(Analysis.id == analysis_id)
+                .values(status=AnalysisStatus.ABANDONED, error=reason, finished_at=utcnow())
+            )
+            log.warning("analysis %d of study %d: %s", analysis_id, study_id, reason)
+            return None
         session.add_all(
             SlicePrediction(
                 analysis_id=analysis_id,
@@ -153,7 +219,6 @@ def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
             )
             for position, item in enumerate(result.slices)
         )
-        lifecycle.move_where(session, study_id, {S.ANALYZING}, S.ANALYZED)
         if settings.report_destination is None:
             return None
         return open_report(session, analysis_id, settings).id

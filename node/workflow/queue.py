@@ -16,6 +16,9 @@ SEND_REPORT = "node.tasks.send_report"
 RUN_EXPORT = "node.tasks.run_export"
 CLASSIFY_UPLOAD = "node.tasks.classify_upload"
 QUEUES = ("uploads", "reports", "analysis", "exports")  # what a worker consumes
+# The embedded workers of `ainode serve`: what a person waits for (an SR, an uploaded file's
+# answer) never waits behind a long analysis or export.
+WORKER_GROUPS = (("analysis", "exports"), ("reports", "uploads"))
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -52,7 +55,9 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="analysis",
         worker_hijack_root_logger=False,
     )
-    app.conf.ainode_settings = settings.model_dump(mode="json")
+    # Nothing else of the settings goes here: `celery inspect conf` shows this configuration
+    # to whoever reaches the broker. A worker reads its settings from its own configuration
+    # (node.workflow.tasks.use_settings).
     return app
 
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import func, select, update
 
 from node.records import lifecycle
 from node.records.db import Analysis, AnalysisStatus, Study, StudyStatus, utcnow
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 S = StudyStatus
+MAX_BACKOFF = 60.0  # seconds between passes while they keep failing
 
 
 def sweep_once(node: Node) -> list[str]:
@@ -48,11 +48,12 @@ class DueWork:
 
 def due_work(node: Node, now: datetime | None = None) -> DueWork:
     """Studies and reports to (re-)enqueue; moves stable studies to ``queued`` and recovers
-    studies whose worker died (``analyzing`` past the timeout)."""
+    runs whose worker died (no heartbeat for ``analysis_timeout_seconds``)."""
     settings = node.settings
     now = now or utcnow()
     stale_queue = now - timedelta(seconds=settings.requeue_after_seconds)
     dead_worker = now - timedelta(seconds=settings.analysis_timeout_seconds)
+    lost_send = now - timedelta(seconds=settings.report_lease_seconds)
     analyses: list[int] = []
     with node.session_factory() as session, session.begin():
         for study_id in session.scalars(select(Study.id).where(Study.status == S.STABLE)):
@@ -64,24 +65,37 @@ def due_work(node: Node, now: datetime | None = None) -> DueWork:
             # Lost message or broker outage: hand it out again (claiming is idempotent).
             lifecycle.touch(session, study_id, now)
             analyses.append(study_id)
-        for study_id in session.scalars(
-            select(Study.id).where(
-                Study.status == S.ANALYZING, Study.status_changed_at <= dead_worker
-            )
-        ):
-            session.execute(
-                update(Analysis)
-                .where(Analysis.study_id == study_id, Analysis.status == AnalysisStatus.RUNNING)
-                .values(status=AnalysisStatus.ABANDONED, error="worker lost", finished_at=now)
-            )
-            if lifecycle.move_where(
-                session, study_id, {S.ANALYZING}, S.QUEUED, reason="worker lost", now=now
-            ):
-                analyses.append(study_id)
-        reports = due_reports(session, now, stale_queue)
+        analyses += _recover_lost_runs(session, settings, now, dead_worker)
+        reports = due_reports(session, now, stale_queue, lost_send)
         handed_out = exports.due_exports(session, now, stale_queue, dead_worker)
+        exports.expire_exports(session, settings, now)  # issue 14: bundles past retention
         classify = uploads.due_uploads(session, now, stale_queue, dead_worker)
     return DueWork(analyses, reports, handed_out, classify)
+
+
+def _recover_lost_runs(session, settings, now: datetime, dead_worker: datetime) -> list[int]:
+    """Abandon running analyses whose heartbeat stopped before ``dead_worker``; their studies
+    go back to the queue (returned), or fail once they have used their attempts."""
+    last_sign = func.coalesce(Analysis.heartbeat_at, Analysis.started_at)
+    silent = [Analysis.status == AnalysisStatus.RUNNING, last_sign <= dead_worker]
+    reason = f"worker lost (no heartbeat for {settings.analysis_timeout_seconds:.0f} s)"
+    requeued = []
+    for analysis_id, study_id in session.execute(
+        select(Analysis.id, Analysis.study_id).where(*silent)
+    ).all():
+        lost = session.execute(
+            update(Analysis)
+            .where(Analysis.id == analysis_id, *silent)
+            .values(status=AnalysisStatus.ABANDONED, error=reason, finished_at=now)
+        ).rowcount
+        if not lost:
+            continue
+        status = lifecycle.abandon_run(
+            session, study_id, analysis_id, reason, settings.analysis_max_attempts, now
+        )
+        if status is S.QUEUED:
+            requeued.append(study_id)
+    return requeued
 
 
 class Dispatcher:
@@ -116,12 +130,25 @@ def run(
     interval: float = 1.0,
     dispatch: Callable[[], None] | None = None,
 ) -> None:
-    """Sweep (and ``dispatch`` after each pass) every ``interval`` s until ``stop``."""
+    """Sweep (and ``dispatch`` after each pass) every ``interval`` s until ``stop``.
+
+    A pass that fails, whatever the error, is logged and tried again, waiting longer after
+    each failure in a row: the node's lifecycle must outlive a database hiccup or a bug in
+    one pass.
+    """
+    failures = 0
     while not stop.is_set():
         try:
             sweep_once(node)
             if dispatch is not None:
                 dispatch()
-        except SQLAlchemyError:  # the sweeper outlives a database hiccup and retries
-            log.exception("lifecycle sweep failed; retrying in %.0f s", interval)
+            failures = 0
+        except Exception:
+            failures += 1
+            wait = min(interval * 2**failures, MAX_BACKOFF)
+            log.exception(
+                "lifecycle sweep failed (%d in a row); retrying in %.1f s", failures, wait
+            )
+            stop.wait(wait)
+            continue
         stop.wait(interval)

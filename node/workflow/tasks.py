@@ -20,25 +20,45 @@ from node.records.registry import ActiveBundle
 from node.reporting import delivery
 from node.reporting.sr import DeviceObserver
 from node.runtime import Node, build_node
-from node.settings import Settings
+from node.settings import Settings, load_settings
 from node.workflow import exports, jobs, uploads
 
 log = logging.getLogger(__name__)
 
 _worker: dict = {}  # this worker process's node and active-model cache, built once
+# The settings this worker runs on, from its own --config file and environment (set by
+# `ainode worker`). Never in the Celery app's configuration: `celery inspect conf` shows
+# that to anyone who can reach the broker, and the settings hold the export salt, the web
+# UI's secret key and the database password.
+_configured: dict[str, Settings] = {}
 
 
-def worker_node(app) -> Node:
-    """The node of this worker process (built on first use from the app's settings)."""
+def use_settings(settings: Settings) -> None:
+    """Run this worker process on ``settings`` (called once by ``ainode worker``)."""
+    _configured["settings"] = settings
+    _worker.clear()
+
+
+def worker_settings() -> Settings:
+    """This worker's settings: those it was started with, else ``$AINODE_CONFIG`` and the
+    ``AINODE_*`` environment (a worker started by ``celery worker`` directly)."""
+    if "settings" not in _configured:
+        _configured["settings"] = load_settings()
+    return _configured["settings"]
+
+
+def worker_node(app=None) -> Node:
+    """The node of this worker process (built on first use from the worker's settings;
+    ``app`` is accepted for the tasks' sake and not read)."""
     if "node" not in _worker:
-        settings = Settings(**app.conf.ainode_settings)
+        settings = worker_settings()
         _worker["node"] = build_node(settings)
         _worker["model"] = ActiveBundle(settings)
         _worker["name"] = f"{socket.gethostname()}:{os.getpid()}"
     return _worker["node"]
 
 
-def worker_state(app) -> tuple[Node, ModelBundle]:
+def worker_state(app=None) -> tuple[Node, ModelBundle]:
     """The node and the active model bundle, reloaded only when the activation changed."""
     node = worker_node(app)
     with node.session_factory() as session:
@@ -97,7 +117,7 @@ def send_report(self, report_id: int) -> None:
     try:
         delivery.deliver_report(node, report_id, observer(node))
     except delivery.ReportRetry as exc:
-        # the report row counts the attempts and decides when to stop (report_max_retries)
+        # the report row decides when to stop (report_retry_hours from the first failure)
         raise self.retry(exc=exc, countdown=exc.delay, max_retries=None) from exc
 
 
