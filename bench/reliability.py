@@ -207,6 +207,7 @@ def main() -> None:
             requeue_after_seconds=5,
             analysis_timeout_seconds=30,
             report_retry_seconds=1,
+            report_lease_seconds=20,
             min_free_disk_mb=0,
         )
         procs = NodeProcesses(write_config(settings, root / "ainode.toml"), root)
@@ -299,10 +300,10 @@ def main() -> None:
         print(
             f"\n{studies_total} studies, {totals['acked']} instances acknowledged: "
             f"{totals['rows']} stored ({totals['files']} files), {totals['done']} analyses done "
-            f"({totals['abandoned']} runs abandoned by a kill), {totals['sent']} reports sent, "
+            f"({totals['abandoned']} run(s) abandoned by a kill), {totals['sent']} reports sent, "
             f"{totals['srs']} SR instances at the PACS ({totals['again']} re-sent copies of an SR "
             f"it already held); faults: {totals['kills']} worker kills, {totals['redis']} Redis "
-            "restarts"
+            f"restarts, {totals['exits']} worker exits on its own (started again)"
         )
         if problems:
             print("\nNOT as expected:\n" + "\n".join(problems))

@@ -136,7 +136,9 @@ class Settings(BaseSettings):
     report_retry_seconds: float = Field(10.0, gt=0)
     # A PACS down over a weekend still gets its SRs without anyone pressing Re-send.
     report_retry_hours: float = Field(72.0, gt=0)
-    report_lease_seconds: float = Field(600.0, gt=0)  # a send this old lost its worker
+    # a send claimed this long ago lost its worker: longer than one send can last
+    # (acse_timeout + dimse_timeout + network_timeout, 150 s by default)
+    report_lease_seconds: float = Field(300.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
