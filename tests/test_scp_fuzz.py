@@ -461,3 +461,25 @@ def test_offer_of_nothing_the_node_accepts_is_logged_with_what_was_offered(make_
         assert not association.is_established  # pynetdicom aborts: nothing it can do
         line = wait_for_log(caplog, "no presentation context the node accepts")
         assert "TESTSCU@127.0.0.1" in line and "offered: 1.2.3.4.5.6.7" in line
+
+
+@pytest.mark.parametrize("context_id", [0, 2, 254])
+def test_request_with_an_even_presentation_context_id_is_aborted(
+    make_settings, thread_crashes, caplog, context_id
+):
+    """PS3.8 9.3.2.2: presentation context IDs are odd. pynetdicom raises on an even one
+    after reading the request, and its reader thread died with the connection hanging
+    until the watchdog: the sender now gets an A-ABORT at once, and the log says why."""
+    start = next(offset for kind, offset, _ in items(REQUEST[6:], FIXED_FIELDS) if kind == 0x20)
+    request = bytearray(REQUEST)
+    request[6 + start + 4] = context_id  # item type, reserved, length (2), context ID
+    with running_scp(make_settings) as (node, server):
+        port = node.settings.dicom_port
+        reply, closed, seconds = exchange(port, bytes(request))
+        assert closed and seconds < READ_LIMIT, (seconds, reply.hex())
+        assert [kind for kind, _ in pdus(reply)] == [A_ABORT], reply.hex()
+        assert "context_id" in caplog.text and "association request refused" in caplog.text
+        result = echoscu("127.0.0.1", port, calling_ae="ECHOSCU")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert wait_until(lambda: not server.active_associations, 10)
+    assert thread_crashes == []

@@ -24,6 +24,7 @@ from pynetdicom import AE, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.dicom import spool
@@ -468,6 +469,7 @@ def serve(ae: NodeAE, associations: Associations, tls, handlers: list) -> Storag
         (evt.EVT_PDU_RECV, handle_pdu_recv, [associations]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_REQUESTED, handle_requested),
     ]
     server = ae.make_server(
         (ae.settings.dicom_host, ae.settings.dicom_port),
@@ -486,6 +488,35 @@ def _drop_local_primitive(dul) -> str:
     return "Sta13"
 
 
+def _request_or_abort(dul) -> str:
+    """AE-6, except that a request pynetdicom cannot turn into a primitive is an invalid
+    PDU (PS3.8 9.3.2.2: presentation context IDs are odd, 1-255; pynetdicom raises on an
+    even one after it has read the request): A-ABORT it (AA-8: the association's thread
+    gets an A-P-ABORT where it waits for the request; :func:`handle_requested` ends it)
+    instead of losing the connection's threads with a traceback."""
+    try:
+        return _AE_6(dul)
+    except ValueError as exc:
+        log.warning("association request refused (aborted): %s", exc)
+        return fsm.AA_8(dul)
+
+
+def handle_requested(event: evt.Event) -> None:
+    """End an association whose request :func:`_request_or_abort` aborted: close the
+    connection (the A-ABORT is sent) and stop its threads, before pynetdicom negotiates."""
+    association = event.assoc
+    if isinstance(association.requestor.primitive, A_P_ABORT):
+        association.is_aborted = True
+        sock = association.dul.socket.socket if association.dul.socket else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        association.kill()
+
+
+_AE_6 = fsm.AE_6
+
+
 def install_fsm_guard() -> None:
     """Let pynetdicom's state machine drop a local request that meets a closing connection.
 
@@ -493,7 +524,9 @@ def install_fsm_guard() -> None:
     or abort in Sta13 (awaiting transport close), and pynetdicom raises there: a peer that
     sends another PDU right behind its A-ASSOCIATE-RQ has the DUL abort (Sta13) while the
     node's reactor is still answering, and the reader thread then dies with a traceback.
-    Dropping the late primitive is what the closing connection needs (idempotent).
+    Dropping the late primitive is what the closing connection needs. Also: a request
+    with an invalid presentation context ID is aborted (:func:`_request_or_abort`).
+    Idempotent.
     """
     fsm.ACTIONS.setdefault(
         "AINODE-1",
@@ -501,3 +534,5 @@ def install_fsm_guard() -> None:
     )
     for event in ("Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"):
         fsm.TRANSITION_TABLE.setdefault((event, "Sta13"), "AINODE-1")
+    description, _action, states = fsm.ACTIONS["AE-6"]
+    fsm.ACTIONS["AE-6"] = (description, _request_or_abort, states)
