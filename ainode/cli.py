@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
-from node import __version__, phantom
+from node import __version__, logs, phantom
 from node.dicom.pull import PullError
 from node.records import schema
 from node.records.db import Study, make_engine
@@ -325,6 +325,11 @@ def cmd_reanalyze(settings: Settings, args: argparse.Namespace) -> int:
             ).one_or_none()
             if study is None:
                 raise ValueError(f"study {args.study} is not on this node")
+            if study.pixels_removed_at is not None:
+                from node.workflow.retention import removed_reason
+
+                reason = removed_reason(study.pixels_removed_at)
+                raise ValueError(f"study {args.study} cannot be analysed again: {reason}")
             allowed = {S.ANALYZED, S.REPORTED, S.FAILED, S.STABLE}
             if not lifecycle.move_where(session, study.id, allowed, S.QUEUED, reason="reanalyze"):
                 raise ValueError(f"study {args.study} is {study.status}; wait until it is done")
@@ -516,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return phantom.run(args)
     try:
         settings = load_settings(args.config)
+        logs.configure(settings.log_format)
         return COMMANDS[args.command](settings, args)
     except ValidationError as exc:
         first = exc.errors()[0]

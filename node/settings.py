@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +21,8 @@ from pydantic_settings import (
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"  # the bundle shipped with the node
+# What the node can tell people about (``notify_events``), see node.records.outbox.
+NOTIFY_EVENTS = ("covid_19_above_threshold", "analysis_failed", "report_failed", "disk_low")
 
 
 def default_data_dir() -> Path:
@@ -86,6 +89,14 @@ class Settings(BaseSettings):
     tls_ca_bundle: Path | None = None
     tls_require_client_certificate: bool = False
     log_level: str = "INFO"
+    # health and metrics: JSON log lines (one object a line) for a log shipper, or text
+    log_format: str = Field("text", pattern="^(text|json)$")
+    # who may read /healthz and /metrics (no sign-in): client addresses or CIDR networks
+    metrics_allowed_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1/8", "::1"])
+    worker_heartbeat_seconds: float = Field(30.0, gt=0)  # each worker records it is alive
+    worker_forget_hours: float = Field(24.0, gt=0)  # a worker silent this long is gone
+    # /healthz fails when no worker with a model loaded has beaten for this long
+    health_worker_silence_seconds: float = Field(120.0, gt=0)
     # analysis
     broker_url: str | None = None
     model_dir: Path | None = None
@@ -106,6 +117,11 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(120.0, gt=0)
     analysis_timeout_seconds: float = Field(1800.0, gt=0)  # with no heartbeat: worker lost
     analysis_max_attempts: int = Field(3, ge=1)  # abandoned runs before the study fails
+    # retention of received pixel data (node.workflow.retention); off unless the site sets it
+    retention_days: float | None = Field(None, gt=0)  # after the study was reported
+    retention_min_free_disk_mb: int | None = Field(None, ge=0)  # below: oldest reported first
+    retention_review_days: float = Field(30.0, ge=0)  # a correction keeps its study this long
+    retention_interval_seconds: float = Field(900.0, gt=0)  # how often the lifecycle runs it
     # labels, exports and the model registry
     keyword_classes: dict[str, str | None] = Field(
         default_factory=lambda: {
@@ -139,6 +155,29 @@ class Settings(BaseSettings):
     # a send claimed this long ago lost its worker: longer than one send can last
     # (acse_timeout + dimse_timeout + network_timeout, 150 s by default)
     report_lease_seconds: float = Field(300.0, gt=0)
+    # a radiologist's correction of a result is written back as a new SR that replaces the
+    # model's (its Predecessor Documents Sequence): off unless the site wants the PACS to get it
+    report_corrections: bool = False
+    # notifications (webhook and e-mail); they leave the node: the study UID, status, result
+    # and a link by default, patient name, ID, accession number and date only when allowed
+    notify_events: list[str] = Field(default_factory=lambda: list(NOTIFY_EVENTS))
+    notify_covid_threshold: float = Field(0.5, ge=0, le=1)  # COVID-19 probability
+    notify_include_patient_data: bool = False
+    notify_web_url: str | None = None  # the web UI as the receivers reach it, for links
+    notify_webhook_url: str | None = None
+    notify_webhook_secret: SecretStr | None = Field(None, min_length=16)  # HMAC-SHA256 key
+    notify_webhook_timeout_seconds: float = Field(10.0, gt=0)
+    notify_smtp_host: str | None = None
+    notify_smtp_port: int = Field(25, ge=1, le=65535)
+    notify_smtp_security: str = Field("none", pattern="^(none|starttls|tls)$")
+    notify_smtp_username: str | None = None
+    notify_smtp_password: SecretStr | None = None
+    notify_smtp_timeout_seconds: float = Field(30.0, gt=0)
+    notify_email_from: str | None = None
+    notify_email_to: list[str] = Field(default_factory=list)
+    notify_retry_seconds: float = Field(30.0, gt=0)  # doubled after each failure, at most 1 h
+    notify_max_attempts: int = Field(10, ge=1)  # then the notification is failed
+    notify_disk_low_every_minutes: float = Field(60.0, gt=0)  # one disk_low event at most
 
     @classmethod
     def settings_customise_sources(
@@ -163,6 +202,16 @@ class Settings(BaseSettings):
     @classmethod
     def _allowed(cls, values: list[str]) -> list[str]:
         return [check_ae_title(v, "allowed_calling_aes") for v in values]
+
+    @field_validator("metrics_allowed_addresses")
+    @classmethod
+    def _metrics_allowed(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"metrics_allowed_addresses: {exc}") from exc
+        return [value.strip() for value in values]
 
     @field_validator("keyword_classes")
     @classmethod
@@ -208,6 +257,41 @@ class Settings(BaseSettings):
                 "report_max_retries is deprecated and ignored: a failed SR delivery is retried "
                 "for report_retry_hours (%g h)",
                 self.report_retry_hours,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _notifications(self) -> Settings:
+        unknown = sorted(set(self.notify_events) - set(NOTIFY_EVENTS))
+        if unknown:
+            raise ValueError(f"notify_events: unknown {unknown}; known: {', '.join(NOTIFY_EVENTS)}")
+        for name in ("notify_webhook_url", "notify_web_url"):
+            url = getattr(self, name)
+            parsed = urlparse(url) if url is not None else None
+            if parsed is not None and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+                raise ValueError(f"{name} must be an http:// or https:// URL, got {url!r}")
+        if self.notify_webhook_url and self.notify_webhook_secret is None:
+            raise ValueError("notify_webhook_url needs notify_webhook_secret (the HMAC key)")
+        if (self.notify_smtp_host is None) != (not self.notify_email_to):
+            raise ValueError("notify_smtp_host and notify_email_to go together: set both or none")
+        if self.notify_email_to and not self.notify_email_from:
+            raise ValueError("notify_email_to needs notify_email_from (the sender's address)")
+        if (self.notify_smtp_username is None) != (self.notify_smtp_password is None):
+            raise ValueError("notify_smtp_username and notify_smtp_password go together")
+        if self.notify_smtp_username and self.notify_smtp_security == "none":
+            raise ValueError(
+                "notify_smtp_username needs notify_smtp_security starttls or tls: the password "
+                "would cross the network in clear"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retention(self) -> Settings:
+        floor = self.retention_min_free_disk_mb
+        if floor is not None and floor <= self.min_free_disk_mb:
+            raise ValueError(
+                f"retention_min_free_disk_mb ({floor}) must be above min_free_disk_mb "
+                f"({self.min_free_disk_mb}), or associations are refused before retention acts"
             )
         return self
 

@@ -157,3 +157,119 @@ def cli_class(config: Path, image: Path) -> str:
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )  # fmt: skip
     return json.loads(answer.stdout)["predicted_class"]
+
+
+def test_an_admin_tests_edited_routing_rules_on_a_stored_study_in_chromium(running_node):
+    """Issue 15: the routing tester on the analysed phantom study, with a rule added and
+    moved first in the browser (the page's script), evaluated before anything is saved."""
+    from pydicom import dcmread
+
+    url, files, config = running_node
+    env = {**os.environ, "E2E_PASSWORD": PASSWORD, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run(
+        [sys.executable, "-m", "ainode.cli", "--config", str(config), "user", "add",
+         "dr.rules", "--role", "admin", "--name", "Dr Rules", "--password-env", "E2E_PASSWORD"],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        try:
+            page.goto(url + "/login")
+            page.fill("input[name=username]", "dr.rules")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.goto(url + "/admin/routing")
+            study_rows = page.locator("#study-rules tbody tr")
+            blank = study_rows.last
+            blank.locator("input[aria-label=Name]").fill("Chest CT")
+            blank.locator("select[aria-label=Action]").select_option("analyze")
+            blank.locator("input[aria-label='Study description']").fill("TÓRAX simple")
+            blank.locator("button.move[data-move='-1']").click()  # above the default rule
+            expect(study_rows.first.locator("input[aria-label=Name]")).to_have_value("Chest CT")
+            page.locator("select[name=recent]").select_option(index=1)
+            page.click("#test-rules")
+            expect(page.locator("#tester-study-rule")).to_contain_text(
+                "Study rule Chest CT matches: the study is analysed"
+            )
+            expect(page.locator("#tester-series")).to_contain_text(series_uid)
+            expect(page.locator("#tester-series")).to_contain_text("Largest axial CT series")
+            shot(page, "6-routing-tester")
+            page.goto(url + "/admin/routing")  # nothing was saved
+            names = page.locator("#study-rules input[aria-label=Name]")
+            expect(names.first).to_have_value("Analyse every study")
+            expect(names).to_have_count(2)  # the default rule and the blank row
+        finally:
+            browser.close()
+    assert errors == []
+    assert [text for text in console if "Content Security Policy" in text] == []
+
+
+def test_a_radiologist_suspends_resumes_and_retries_a_failed_study_on_the_dashboard(
+    running_node, tmp_path
+):
+    """Issue 15: the queue dashboard's counts (refreshed in place) and its actions, on a study
+    that fails (a localizer-only series: nothing axial to analyse) beside the analysed one."""
+    import tomllib
+
+    from pydicom import dcmread
+
+    url, _files, config = running_node
+    spec = phantom.PhantomSpec(slices=2, rows=64, columns=64, seed=23, patient_id="BROWSER23")
+    scouts = phantom.write_series(spec, tmp_path / "scout")
+    for path in scouts:
+        scout = dcmread(path)
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.save_as(path)
+    written = tomllib.loads(config.read_text(encoding="utf-8"))
+    storescu("127.0.0.1", written["dicom_port"], scouts[0].parent, called_ae=written["ae_title"])
+    deadline = time.monotonic() + 120
+    while not any(s["status"] == "failed" for s in studies(config)):
+        assert time.monotonic() < deadline, studies(config)
+        time.sleep(1)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        try:
+            page.goto(url + "/login")
+            page.fill("input[name=username]", "dr.browser")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.click("nav a:has-text('Queue')")
+            expect(page.locator("#count-analyzed")).to_have_text("1")
+            expect(page.locator("#count-failed")).to_have_text("1")
+            failed = page.locator("#failed tbody tr").first
+            expect(failed).to_contain_text("no axial CT image to analyse")
+            expect(page.locator("button", has_text="Discard")).to_have_count(0)  # admins only
+            shot(page, "7-dashboard")
+
+            failed.locator("button", has_text="Suspend").click()
+            expect(page.locator("p[role=alert]")).to_contain_text("is suspended (it was failed)")
+            expect(page.locator("#count-suspended")).to_have_text("1")
+            page.locator("#suspended tbody tr").first.locator("button", has_text="Resume").click()
+            expect(page.locator("p[role=alert]")).to_contain_text("is resumed: failed")
+            page.locator("#failed tbody tr").first.locator("button", has_text="Retry").click()
+            expect(page.locator("p[role=alert]")).to_contain_text("is queued for analysis again")
+            # the worker tries again and fails again: the counts follow without a reload
+            with page.expect_response(re.compile(r"/dashboard\.json"), timeout=15_000) as poll:
+                pass
+            assert poll.value.ok
+            for status in ("queued", "analyzing"):
+                expect(page.locator(f"#count-{status}")).to_have_text("0", timeout=60_000)
+            expect(page.locator("#count-failed")).to_have_text("1")
+            page.reload()
+            expect(page.locator("#failed tbody tr").first.locator("td.num")).to_have_text("2")
+            shot(page, "8-dashboard-retried")
+        finally:
+            browser.close()
+    assert errors == []
+    assert [text for text in console if "Content Security Policy" in text] == []

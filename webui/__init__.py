@@ -65,7 +65,18 @@ def create_app(settings: Settings, test_config: dict | None = None, node: Node |
     app.extensions["ainode_settings"] = settings
     csrf.init_app(app)
 
-    from webui import admin, auth, exports, labels, study, upload, worklist
+    from webui import (
+        admin,
+        auth,
+        dashboard,
+        exports,
+        health,
+        labels,
+        routing,
+        study,
+        upload,
+        worklist,
+    )
 
     auth.init_app(app)
     for blueprint in (
@@ -76,6 +87,9 @@ def create_app(settings: Settings, test_config: dict | None = None, node: Node |
         exports.bp,
         upload.bp,
         admin.bp,
+        routing.bp,
+        dashboard.bp,
+        health.bp,
     ):
         app.register_blueprint(blueprint)
     _error_pages(app)
@@ -113,7 +127,7 @@ def _secret_key(settings: Settings) -> str:
 
 
 def _error_pages(app: Flask) -> None:
-    for code in (400, 403, 404, 405, 413):
+    for code in (400, 403, 404, 405, 410, 413):
 
         @app.errorhandler(code)
         def error(exc, code=code):

@@ -20,9 +20,10 @@ from sqlalchemy import select
 
 from node.analysis.imaging import ImageTooLarge, ImagingError
 from node.analysis.result import CLASSES, ModelIdentity
-from node.records.db import Analysis, Verdict, utcnow
+from node.records.db import Analysis, ReportKind, Verdict, utcnow
 from node.records.labels import effective_keyword_classes, labels_of
-from node.reporting import delivery
+from node.reporting import chain, delivery
+from node.workflow.retention import removed_reason
 from webui import audit, node, session, viewer
 from webui.review import (
     answer,
@@ -37,6 +38,11 @@ bp = Blueprint("study", __name__)
 VERDICT_COMMENT_MAX_LENGTH = 1024
 SLICE_MAX_AGE = 24 * 3600  # a slice URL carries the slice list's version, so it may be kept
 SLICE_AUDIT_WINDOW = timedelta(hours=1)  # one slice_view event per user, study and hour
+REPORT_KINDS = {
+    ReportKind.MODEL: "model result",
+    ReportKind.REANALYSIS: "re-analysis",
+    ReportKind.CORRECTION: "radiologist correction",
+}
 
 
 def _slice_cache() -> viewer.SliceListCache:
@@ -53,7 +59,7 @@ def _formatting() -> dict:
             return f"{value[:4]}-{value[4:6]}-{value[6:]}"
         return value or "—"
 
-    return {"utc_time": utc_time, "dicom_date": dicom_date}
+    return {"utc_time": utc_time, "dicom_date": dicom_date, "report_kinds": REPORT_KINDS}
 
 
 # --------------------------------------------------------------------------- pages
@@ -76,6 +82,7 @@ def view(study_id: int):
         model=_model(result),
         classes=CLASSES,
         report=latest_report(db, result),
+        reports=chain.report_chain(db, study_id),
         destination=settings.report_destination,
         verdicts=db.scalars(
             select(Verdict)
@@ -121,6 +128,8 @@ def slice_png(study_id: int, n: int):
     """Slice ``n`` (0 = the most cranial) of the viewer's series, windowed, as PNG."""
     db = session()
     study = find_study(db, study_id)
+    if study.pixels_removed_at is not None:  # gone for good, not "not found"
+        abort(410, f"Slice {n} of study {study_id}: {removed_reason(study.pixels_removed_at)}.")
     result = latest_analysis(db, study_id, done=True)
     slices = viewer.slice_list(node(), db, study, result, _slice_cache())
     if slices.problem is not None:
@@ -183,6 +192,7 @@ def verdict(study_id: int):
     )
     db.add(row)
     db.flush()
+    report = delivery.open_correction(db, row, node().settings)  # when the site wants it
     audit.record(
         db,
         current_user.username,
@@ -193,9 +203,12 @@ def verdict(study_id: int):
         agrees=agrees,
         corrected_class=row.corrected_class,
         comment=row.comment,
+        report_id=report.id if report is not None else None,
     )
     db.commit()
     message = "Agreement recorded." if agrees else f"Correction to {choice} recorded."
+    if report is not None:
+        message += f" A corrected SR will be sent to {report.destination} shortly."
     return answer(study_id, message, anchor="result")
 
 

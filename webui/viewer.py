@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session
 
 from node.analysis import imaging
 from node.analysis.analyze import AnalysisError, AnalysisOptions, eligible_series
+from node.records import routing
 from node.records.db import Analysis, Instance, Series, Study
 from node.runtime import Node
+from node.workflow.retention import removed_reason
 
 HU_LIMIT = 32768.0  # beyond any stored CT value (16-bit signed)
 WINDOW_CHOICES = ("lung", "mediastinum", "custom")
@@ -81,6 +83,8 @@ def slice_list(
     node: Node, session: Session, study: Study, analysis: Analysis | None, cache: SliceListCache
 ) -> SliceList:
     """The viewer's slices of ``study`` (cached until new instances or a new result)."""
+    if study.pixels_removed_at is not None:  # the files keep their headers only
+        return SliceList((), "removed", removed_reason(study.pixels_removed_at))
     key = (
         study.id,
         study.instance_count,
@@ -111,7 +115,9 @@ def _build_slice_list(
     if not keys:
         return SliceList((), version, "no instances stored")
     try:
-        datasets, _skipped = eligible_series([node.store.path(key) for key in keys.values()])
+        choose = routing.series_chooser(routing.load_rules(session, routing.SERIES))
+        paths = [node.store.path(key) for key in keys.values()]
+        datasets, _skipped = eligible_series(paths, choose=choose)
     except AnalysisError as exc:
         return SliceList((), version, str(exc))
     except OSError as exc:

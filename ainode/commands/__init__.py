@@ -6,6 +6,6 @@ Each module exposes ``register(subparsers) -> {command: handler}``, the same pro
 
 from __future__ import annotations
 
-from ainode.commands import labels, models, users
+from ainode.commands import labels, models, retention, users
 
-GROUPS: list = [models.register, labels.register, users.register]
+GROUPS: list = [models.register, labels.register, users.register, retention.register]

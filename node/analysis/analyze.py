@@ -7,7 +7,7 @@ series → order slices → HU → lung-bearing slices → window → model → 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,10 @@ from node.analysis.result import SliceResult, StudyResult, aggregate
 if TYPE_CHECKING:
     from node.analysis.bundle import ModelBundle
     from node.settings import Settings
+
+# Which of a study's eligible series to evaluate (each a list of headers, in the order first
+# met): its index and why (said of the series left out), or None and why none will do.
+SeriesChooser = Callable[[Sequence[Sequence[Dataset]]], tuple[int | None, str]]
 
 
 class AnalysisError(RuntimeError):
@@ -55,6 +59,8 @@ class AnalysisOptions:
     rule: str = "top-mean"
     batch_size: int = 16
     limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
+    # the routing's series rules (node.records.routing); None: the largest series
+    choose_series: SeriesChooser | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnalysisOptions:
@@ -81,10 +87,19 @@ class _Clock:
         self._last = now
 
 
+def largest_series(series: Sequence[Sequence[Dataset]]) -> tuple[int | None, str]:
+    """The default :data:`SeriesChooser`: the series with the most eligible instances (the
+    first met of equals)."""
+    return max(range(len(series)), key=lambda i: len(series[i])), "the largest is evaluated"
+
+
 def eligible_series(
-    paths: Sequence[Path], limits: imaging.DecodeLimits | None = None
+    paths: Sequence[Path],
+    limits: imaging.DecodeLimits | None = None,
+    choose: SeriesChooser | None = None,
 ) -> tuple[list[Dataset], dict[str, str]]:
-    """Headers of the instances of the largest eligible series, and why others were skipped.
+    """Headers of the instances of the eligible series ``choose`` picks (default: the
+    largest, :func:`largest_series`), and why others were skipped.
 
     With ``limits``, an instance whose pixel data declares more than they allow is skipped
     too (its reason starts with :data:`imaging.TOO_LARGE`), so it is never decoded; without,
@@ -108,11 +123,15 @@ def eligible_series(
             "no axial CT image to analyse" + (f" ({_reasons(skipped)})" if skipped else ""),
             skipped,
         )
-    chosen = max(by_series.values(), key=len)
+    candidates = list(by_series.values())
+    index, why = (choose or largest_series)(candidates)
+    if index is None:
+        raise AnalysisError(f"no series to analyse: {why}", skipped)
+    chosen = candidates[index]
     for uid, datasets in by_series.items():
         if datasets is not chosen:
             for ds in datasets:
-                skipped[str(ds.SOPInstanceUID)] = f"other series {uid} (the largest is evaluated)"
+                skipped[str(ds.SOPInstanceUID)] = f"other series {uid} ({why})"
     return [chosen[i] for i in imaging.slice_order(chosen)], skipped
 
 
@@ -173,7 +192,7 @@ def analyze_instances(
     """Run the whole pipeline over a study's stored instance files."""
     options = options or AnalysisOptions()
     clock = _Clock()
-    datasets, skipped = eligible_series(paths, options.limits)
+    datasets, skipped = eligible_series(paths, options.limits, options.choose_series)
     clock.lap("load")
     frames, pixels = windowed_lung_slices(datasets, options, skipped)
     clock.lap("preprocess")

@@ -26,10 +26,14 @@ from pynetdicom.dimse_messages import _MESSAGE_TYPES, DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import sessionmaker
 
 from node.dicom import spool
 from node.dicom.network import configure_ae, handle_conn_open
 from node.ingest.store import InstanceStore
+from node.records import outbox, scp_stats
+from node.records.db import describe
 from node.settings import Settings
 
 log = logging.getLogger("node.dicom.scp")  # one logger for everything the SCP says
@@ -39,6 +43,7 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not 
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider, local limit exceeded
 
 _NOBODY = "\\"  # not a valid AE title: an allow-list holding only this admits no one
+STATS_REFRESH_SECONDS = 15.0  # the SCP says it is listening (after probing itself) this often
 
 
 def peer_of(association) -> str:
@@ -57,11 +62,32 @@ class NodeAE(AE):
     by instance.
     """
 
-    def __init__(self, settings: Settings, store: InstanceStore, receive: spool.Spool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: InstanceStore,
+        receive: spool.Spool,
+        session_factory: sessionmaker | None = None,  # for the disk guard's notification
+    ) -> None:
         super().__init__(ae_title=settings.ae_title)
         self.settings, self.store, self.spool = settings, store, receive
+        self.session_factory = session_factory
+        self._disk_low_lock = threading.Lock()
         configure_ae(self, settings)
         self.require_called_aet = settings.require_called_aet
+
+    def notify_disk_low(self, peer: str) -> None:
+        """Put the disk guard's refusal of ``peer`` in the notification outbox (one event per
+        ``notify_disk_low_every_minutes``, however many associations are refused meanwhile)."""
+        if self.session_factory is None or not outbox.wanted(self.settings, outbox.DISK_LOW):
+            return
+        free_mb = self.store.free_bytes() // 2**20
+        with self._disk_low_lock:  # the check and the insert, one association at a time
+            try:
+                with self.session_factory() as session, session.begin():
+                    outbox.on_disk_low(session, self.settings, free_mb, peer)
+            except DBAPIError as exc:
+                log.error("disk guard notification not recorded: %s", describe(exc))
 
     def disk_is_low(self) -> bool:
         """Whether the store has less free space than ``min_free_disk_mb``."""
@@ -182,6 +208,7 @@ class Associations:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     tallies: dict[int, _Tally] = field(default_factory=dict)
+    stats: scp_stats.ScpStats | None = None  # refusals and gauges for /metrics and /healthz
 
     def get(self, association) -> _Tally:
         with self.lock:
@@ -218,6 +245,8 @@ class StorageServer(ThreadedAssociationServer):
         self.associations = associations
         self.handshakes = 0
         self._handshake_lock = threading.Lock()
+        self.probes: set[tuple[str, int]] = set()  # local ends of the SCP's own probes
+        self._refreshed = 0.0
         self.stopping = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
         self.watchdog.start()
@@ -236,7 +265,10 @@ class StorageServer(ThreadedAssociationServer):
 
     def verify_request(self, request, client_address) -> bool:
         """Refuse a connection while ``max_pending_connections`` have not yet associated
-        (TLS handshakes in progress count too)."""
+        (TLS handshakes in progress count too); the SCP's own probe is closed unlogged."""
+        if tuple(client_address[:2]) in self.probes:
+            self.probes.discard(tuple(client_address[:2]))
+            return False
         pending = len([a for a in self.active_associations if not a.is_established])
         pending += self.handshakes
         if pending >= self.ae.settings.max_pending_connections:
@@ -286,6 +318,10 @@ class StorageServer(ThreadedAssociationServer):
             association.abort()
         super().shutdown()
         self.watchdog.join()
+        if self.associations.stats is not None:
+            self.associations.stats.gauge(scp_stats.LISTENING, 0)
+            self.associations.stats.gauge(scp_stats.ASSOCIATIONS_OPEN, 0)
+            self.associations.stats.flush(refresh=True)
         deadline = time.monotonic() + 5
         while self.associations.tallies and time.monotonic() < deadline:
             for tally in self.associations.finished():
@@ -298,8 +334,45 @@ class StorageServer(ThreadedAssociationServer):
         while not self.stopping.wait(0.25):
             try:
                 self._watch_once()
+                self._record_stats()
             except Exception:  # the watchdog must outlive anything one association does
                 log.exception("SCP watchdog pass failed")
+
+    def _record_stats(self) -> None:
+        """Write the counts and gauges; every STATS_REFRESH_SECONDS probe the listening
+        socket and say (with a fresh time) that the SCP listens."""
+        stats = self.associations.stats
+        if stats is None:
+            return
+        open_now = len([a for a in self.active_associations if a.is_established])
+        stats.gauge(scp_stats.ASSOCIATIONS_OPEN, open_now)
+        refresh = time.monotonic() - self._refreshed >= STATS_REFRESH_SECONDS
+        if refresh:
+            self._refreshed = time.monotonic()
+            stats.gauge(scp_stats.LISTENING, int(self._probe()))
+        stats.flush(refresh=refresh)
+
+    def _probe(self) -> bool:
+        """Whether a connection to the SCP's own address is accepted (closed unlogged)."""
+        host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::", ""):
+            host = "::1" if host == "::" else "127.0.0.1"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(2.0)
+                probe.bind((host, 0))
+                local = tuple(probe.getsockname()[:2])
+                self.probes.add(local)
+                try:
+                    probe.connect((host, port))
+                except OSError:
+                    self.probes.discard(local)
+                    raise
+        except OSError as exc:
+            log.error("storage SCP does not accept connections on %s:%d: %s", host, port, exc)
+            return False
+        return True
 
     def _watch_once(self) -> None:
         settings = self.ae.settings
@@ -387,14 +460,21 @@ def _log_end(tally: _Tally, left: int) -> None:
         log.warning("association from %s lost: the connection closed (%s%s)", peer, counts, transit)
 
 
-def handle_rejected(event: evt.Event) -> None:
-    """Say why an association was rejected, in the words a PACS administrator needs."""
-    association = event.assoc
+def handle_rejected(event: evt.Event, associations: Associations | None = None) -> None:
+    """Say why an association was rejected, in the words a PACS administrator needs (and
+    count it by reason)."""
+    reason = _log_rejection(event.assoc)
+    if associations is not None and associations.stats is not None:
+        associations.stats.count(scp_stats.ASSOCIATION_REJECTED, reason)
+
+
+def _log_rejection(association) -> str:
+    """Log why ``association`` was rejected; returns the reason's metric label."""
     ae: NodeAE = association.ae
     primitive = association.acceptor.primitive
-    reason = (primitive.result, primitive.result_source, primitive.diagnostic)
+    result = (primitive.result, primitive.result_source, primitive.diagnostic)
     peer = peer_of(association)
-    if reason == REJECT_CALLING_AE:
+    if result == REJECT_CALLING_AE:
         allowed = ae.settings.calling_ae_allow_list or set()
         log.warning(
             "association from %s rejected: calling AE %r not recognised (allowed: %s)",
@@ -402,13 +482,15 @@ def handle_rejected(event: evt.Event) -> None:
             association.requestor.ae_title,
             ", ".join(sorted(allowed)) or "none",
         )
-    elif reason == REJECT_CALLED_AE:
+        return "calling_ae"
+    elif result == REJECT_CALLED_AE:
         log.warning(
             "association from %s rejected: called AE %r is not this node's %r",
             peer,
             association.requestor.primitive.called_ae_title,
             ae.ae_title,
         )
+        return "called_ae"
     elif ae.disk_is_low():
         log.error(
             "association from %s rejected: %d MB free in the store, below the %d MB threshold",
@@ -416,14 +498,17 @@ def handle_rejected(event: evt.Event) -> None:
             ae.store.free_bytes() // 2**20,
             ae.settings.min_free_disk_mb,
         )
-    elif reason == REJECT_LOCAL_LIMIT:
+        ae.notify_disk_low(peer)
+        return "disk_low"
+    elif result == REJECT_LOCAL_LIMIT:
         log.warning(
             "association from %s rejected: already %d associations open (max_associations)",
             peer,
             ae.settings.max_associations,
         )
-    else:
-        log.warning("association from %s rejected: %s", peer, reason)
+        return "association_limit"
+    log.warning("association from %s rejected: %s", peer, result)
+    return "other"
 
 
 def handle_accepted(event: evt.Event) -> None:
@@ -467,7 +552,7 @@ def serve(ae: NodeAE, associations: Associations, tls, handlers: list) -> Storag
         (evt.EVT_CONN_OPEN, opened),
         (evt.EVT_ABORTED, handle_aborted, [associations]),
         (evt.EVT_PDU_RECV, handle_pdu_recv, [associations]),
-        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_REJECTED, handle_rejected, [associations]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_REQUESTED, handle_requested),
     ]

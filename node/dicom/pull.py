@@ -7,12 +7,10 @@ and accents folded, against the configured patterns.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import socket
 import time
-import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -39,6 +37,7 @@ from node.dicom import spool
 from node.dicom.network import associate, make_ae, peer_label
 from node.dicom.scp import UNCOMPRESSED, handle_store, start_scp
 from node.ingest.ingestor import Ingestor
+from node.records.folding import description_matches, fold  # noqa: F401 (re-exported)
 from node.settings import Peer, Settings
 
 log = logging.getLogger(__name__)
@@ -74,21 +73,6 @@ DOCUMENT_SYNTAXES = UNCOMPRESSED[:3]
 
 class PullError(RuntimeError):
     """The PACS refused or broke a query or retrieve; the message says which and why."""
-
-
-def fold(text: str | None) -> str:
-    """Case- and accent-folded text with runs of white space collapsed."""
-    if not text:
-        return ""
-    decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    return " ".join(plain.casefold().split())
-
-
-def description_matches(description: str | None, patterns: Iterable[str]) -> bool:
-    """Whether a StudyDescription matches any pattern (``*``/``?`` wildcards), folded."""
-    folded = fold(description)
-    return any(fnmatch.fnmatchcase(folded, fold(pattern)) for pattern in patterns)
 
 
 @dataclass(frozen=True)

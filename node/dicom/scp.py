@@ -30,6 +30,7 @@ from node.dicom.network import server_tls_context
 from node.ingest.ingestor import DatabaseUnavailable, Ingestor, Outcome
 from node.ingest.part10 import DatasetError, DatasetMismatch, DatasetTooLarge
 from node.ingest.store import StoreError
+from node.records import scp_stats
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+# /metrics labels of the refusals (ainode_instances_refused_total{reason}), by the status sent
+REFUSAL_REASONS = {
+    STATUS_OUT_OF_RESOURCES: "out_of_resources",  # store cannot write, too large, database
+    STATUS_DATASET_MISMATCH: "dataset_mismatch",
+    STATUS_CANNOT_UNDERSTAND: "cannot_understand",
+    STATUS_SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
+    STATUS_UNRECOGNISED_OPERATION: "unrecognised_operation",
+}
 
 # When one context offers several syntaxes we choose: lossless compressed first, so
 # a sender holding compressed files never has to decompress them, then uncompressed,
@@ -99,6 +108,9 @@ def handle_store(event: evt.Event, ingestor: Ingestor, associations: Association
     if tally is not None:
         if isinstance(status, Dataset):
             tally.refused += 1
+            if associations.stats is not None:
+                reason = REFUSAL_REASONS.get(int(status.Status), f"0x{int(status.Status):04X}")
+                associations.stats.count(scp_stats.INSTANCE_REFUSED, reason)
         else:
             tally.stored += 1
     log.debug("%s from %s: %s", request.msg_type, peer, status)
@@ -172,9 +184,9 @@ def start_scp(settings: Settings, ingestor: Ingestor) -> StorageServer:
     spool.install()
     install_fsm_guard()
     receive = spool.Spool(ingestor.spool_folder(), ingestor.max_inflated_bytes)
-    ae = NodeAE(settings, ingestor.store, receive)
+    ae = NodeAE(settings, ingestor.store, receive, ingestor.session_factory)
     supported_contexts(ae)
-    associations = Associations()
+    associations = Associations(stats=scp_stats.ScpStats(ingestor.session_factory))
     context = server_tls_context(settings)
     server = serve(
         ae, associations, context, [(evt.EVT_C_STORE, handle_store, [ingestor, associations])]

@@ -263,6 +263,12 @@ class _Statements:
                 series_count=Study.series_count + bindparam("new_series"),
                 last_received_at=bindparam("at"),
                 status=lifecycle.status_on_arrival(bindparam("reopens", type_=Boolean)),
+                suspended_from=lifecycle.suspended_from_on_arrival(
+                    bindparam("reopens", type_=Boolean)
+                ),
+                status_changed_at=lifecycle.changed_at_on_arrival(
+                    bindparam("reopens", type_=Boolean), bindparam("at")
+                ),
             )
         )
         modalities = (
@@ -312,6 +318,8 @@ def _ensure_parents(connection, sql: _Statements, header: InstanceHeader, now):
             "modality": header.modality,
             "series_number": header.series_number,
             "series_description": header.series_description,
+            "body_part_examined": header.body_part_examined,
+            "slice_thickness": header.slice_thickness,
             "instance_count": 0,
             "first_received_at": now,
             "last_received_at": now,

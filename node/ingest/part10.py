@@ -16,6 +16,7 @@ makes a path of one.
 
 from __future__ import annotations
 
+import math
 import struct
 import tempfile
 import zlib
@@ -49,6 +50,8 @@ _HEADER_KEYWORDS = [
     "SeriesInstanceUID",
     "SeriesNumber",
     "InstanceNumber",
+    "BodyPartExamined",
+    "SliceThickness",
 ]
 _TAGS = {keyword: int(Tag(keyword)) for keyword in _HEADER_KEYWORDS}
 _HEADER_TAGS = frozenset(_TAGS.values())
@@ -101,6 +104,8 @@ class InstanceHeader:
     series_description: str | None
     series_number: int | None
     instance_number: int | None
+    body_part_examined: str | None = None
+    slice_thickness: float | None = None  # mm
 
 
 def read_header(path: Path, max_inflated_bytes: int = 2**31) -> InstanceHeader:
@@ -269,6 +274,14 @@ def _header(found: dict[int, RawDataElement], syntax: str) -> InstanceHeader:
         except ValueError:
             return None
 
+    def decimal(keyword: str) -> float | None:
+        value = text(keyword)
+        try:
+            number = float(value.split("\\")[0]) if value else None
+        except ValueError:
+            return None
+        return number if number is not None and math.isfinite(number) else None
+
     return InstanceHeader(
         sop_class_uid=uid("SOPClassUID"),
         sop_instance_uid=uid("SOPInstanceUID"),
@@ -285,6 +298,8 @@ def _header(found: dict[int, RawDataElement], syntax: str) -> InstanceHeader:
         series_description=text("SeriesDescription"),
         series_number=integer("SeriesNumber"),
         instance_number=integer("InstanceNumber"),
+        body_part_examined=text("BodyPartExamined"),
+        slice_thickness=decimal("SliceThickness"),
     )
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from node.atomic import atomic_open, fsync_folder
@@ -43,6 +44,7 @@ def check_uid(value: str, name: str = "UID") -> str:
 
 
 SPOOL = ".spool"  # datasets being received, one folder per receiving process
+TEMPORARY_PREFIX = ".tmp-"  # node.atomic's temporary sibling of a file being written
 FANOUT_DIGITS = 3  # 4096 folders: ten million instances is ~2,500 files a folder
 
 
@@ -172,6 +174,39 @@ class InstanceStore:
         """Remove the file under ``key`` if present."""
         self.path(key).unlink(missing_ok=True)
 
+    def orphan_temporaries(self, before: float) -> Iterator[tuple[Path, int]]:
+        """(path, size) of the temporary files a crash left in the store, last modified
+        before ``before`` (a POSIX time): a write's ``.tmp-*`` sibling (``node.atomic``) in
+        the root or a fan-out folder, and a spooled ``.part`` dataset (``node.dicom.spool``)
+        in a spool folder. Live ones are younger: a write or a receive touches its file."""
+        folders = [self.root]
+        folders += sorted(Path(e.path) for e in self._entries(self.root) if _is_fanout(e.name))
+        spool = self.root / SPOOL
+        spooling = (e for e in self._entries(spool) if e.is_dir(follow_symlinks=False))
+        folders += sorted(Path(e.path) for e in spooling)
+        for folder in folders:
+            for entry in self._entries(folder):
+                name = entry.name
+                temporary = name.startswith(TEMPORARY_PREFIX) or (
+                    folder.parent == spool and name.startswith(".") and name.endswith(".part")
+                )
+                if not temporary or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # finished (renamed) meanwhile
+                if stat.st_mtime < before:
+                    yield Path(entry.path), stat.st_size
+
+    @staticmethod
+    def _entries(folder: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder) as entries:
+                return list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def free_bytes(self) -> int:
         """Free bytes on the file system that holds the store."""
         probe = self.root
@@ -192,6 +227,10 @@ class InstanceStore:
         # A new folder's entry lives in its parent: sync the parents so it survives a crash.
         for created in reversed(missing):
             fsync_folder(created.parent)
+
+
+def _is_fanout(name: str) -> bool:
+    return len(name) == FANOUT_DIGITS and all(c in "0123456789abcdef" for c in name)
 
 
 def _process_alive(pid: int) -> bool:

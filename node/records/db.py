@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -42,6 +44,8 @@ class StudyStatus(enum.StrEnum):
     ANALYZED = "analyzed"
     REPORTED = "reported"
     FAILED = "failed"
+    IGNORED = "ignored"  # stable, but no routing rule sends it to the model (forceable)
+    SUSPENDED = "suspended"  # a person paused it; resumed to ``suspended_from``
 
 
 class UTCDateTime(TypeDecorator):
@@ -71,7 +75,8 @@ class Study(Base):
     __tablename__ = "study"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('receiving','stable','queued','analyzing','analyzed','reported','failed')",
+            "status IN ('receiving','stable','queued','analyzing','analyzed','reported','failed',"
+            "'ignored','suspended')",
             name="ck_study_status",
         ),
     )
@@ -89,6 +94,7 @@ class Study(Base):
     modalities: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default=StudyStatus.RECEIVING, index=True)
     status_reason: Mapped[str | None] = mapped_column(String(1024))
+    suspended_from: Mapped[str | None] = mapped_column(String(16))  # the status to resume to
     retries: Mapped[int] = mapped_column(Integer, default=0)
     # analysis runs abandoned since the study was last queued afresh (lifecycle.abandon_run)
     analysis_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -97,6 +103,9 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # retention (node.workflow.retention): when its pixel data was removed, and the bytes freed
+    pixels_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pixels_removed_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -112,6 +121,9 @@ class Series(Base):
     modality: Mapped[str | None] = mapped_column(Text)
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(Text)
+    # as the series' first instance sent them: what the routing rules look at
+    body_part_examined: Mapped[str | None] = mapped_column(Text)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)  # mm
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -135,8 +147,28 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     source_ae: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # retention removed its pixel data (the file keeps the header only: SRs can be rebuilt)
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class RoutingRule(Base):
+    """One routing rule (``node.records.routing``): a study rule decides whether a stable
+    study is analysed, a series rule which of its series; each kind is tried in ``position``
+    order and the first that matches decides."""
+
+    __tablename__ = "routing_rule"
+    __table_args__ = (CheckConstraint("kind IN ('study','series')", name="ck_routing_rule_kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(16))  # study: analyze/ignore; series: prefer
+    conditions: Mapped[dict] = mapped_column(JSON, default=dict)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class AnalysisStatus(enum.StrEnum):
@@ -203,6 +235,14 @@ class ReportStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class ReportKind(enum.StrEnum):
+    """Why a report was made: its SR replaces the study's last sent SR unless it is the first."""
+
+    MODEL = "model"  # the model's result, the study's first report
+    REANALYSIS = "reanalysis"  # the model's result of a later analysis (new images, new model)
+    CORRECTION = "correction"  # a radiologist's corrected finding, written back
+
+
 class Report(Base):
     """One DICOM SR for an analysis and its delivery state (kept here, not only in the broker)."""
 
@@ -225,6 +265,17 @@ class Report(Base):
     failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first failure of a run
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(
+        String(16), default=ReportKind.MODEL, server_default=text("'model'")
+    )
+    # when the report was made (``created_at`` is re-stamped each time it is handed out)
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)
+    # the sent report whose SR this one's Predecessor Documents Sequence references
+    replaces_report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("report.id", ondelete="SET NULL"), index=True
+    )
+    # the radiologist's verdict a correction states
+    verdict_id: Mapped[int | None] = mapped_column(ForeignKey("verdict.id", ondelete="SET NULL"))
 
 
 class Label(Base):
@@ -291,6 +342,35 @@ class SignInThrottle(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     blocked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Worker(Base):
+    """A worker process as last seen (its heartbeat): what the dashboard and metrics show."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # host:pid
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(String(255))  # comma-separated
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ScpStat(Base):
+    """What the storage SCP counts that leaves no other row (``node.records.scp_stats``):
+    instances refused and associations rejected by reason (counters), associations open and
+    the SCP listening (gauges), so that whichever process serves /metrics reads them."""
+
+    __tablename__ = "scp_stat"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class AuditEvent(Base):
@@ -466,3 +546,36 @@ class UploadJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class NotificationStatus(enum.StrEnum):
+    """Delivery of one notification over one channel."""
+
+    PENDING = "pending"
+    SENDING = "sending"  # claimed by one process (Notification.claimed_at) until it records
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Notification(Base):
+    """One event to tell people about over one channel (webhook or e-mail): the outbox row,
+    written in the transaction of the change that caused it, and its delivery state."""
+
+    __tablename__ = "notification"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    channel: Mapped[str] = mapped_column(String(8))  # webhook | email
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("study.id", ondelete="SET NULL"), index=True
+    )
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # when the sweeper hands it out next (pushed on when handed out: a lost message comes back)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # while ``sending``
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -38,6 +38,7 @@ from node.analysis.analyze import (
     windowed_lung_slices,
 )
 from node.analysis.result import CLASSES
+from node.records import routing
 from node.records.db import Instance, Label, Series, Study
 from node.records.export_format import (
     FORMAT,
@@ -264,7 +265,8 @@ def _write_bundle(
 ) -> ExportSummary:
     """Write the images and the manifest of every selected study into ``folder``."""
     keys = Pseudonymizer(export_salt(node.settings))
-    options = AnalysisOptions.from_settings(node.settings)
+    with node.session_factory() as session:  # the series the analysis would read
+        options = routing.options_with_rules(session, node.settings)
     summary = ExportSummary(folder)
     patients: set[str] = set()
     rows: list[dict] = []
@@ -327,6 +329,11 @@ def _study_slices(
 ) -> _Slices:
     """The label and lung slices of a study, or :class:`_Skip` saying why it has none."""
     with node.session_factory() as session:
+        removed = session.scalar(
+            select(Study.pixels_removed_at).where(Study.study_instance_uid == study_uid)
+        )
+        if removed is not None:  # its files keep headers only (node.workflow.retention)
+            raise _Skip("pixel data removed by retention")
         instances = session.execute(
             select(Instance.store_key, Series.id, Series.series_instance_uid)
             .join(Series, Instance.series_id == Series.id)
@@ -339,7 +346,8 @@ def _study_slices(
         _label(labels, None, mapping)  # skip excluded studies before reading pixels
     paths = [node.store.path(key) for key, *_ in instances]
     try:
-        datasets, skipped = eligible_series(paths, options.limits)  # never decodes a bomb
+        # never decodes a bomb; the series the rules choose
+        datasets, skipped = eligible_series(paths, options.limits, options.choose_series)
     except AnalysisError as exc:
         raise _Skip("no usable CT series", _too_large(exc.skipped)) from None
     except (InvalidDicomError, OSError):

@@ -5,6 +5,11 @@ Opening a report for a result, claiming it for one delivery at a time, sending i
 recording the outcome with the one retry policy, and a re-send asked for by a person all go
 through here; the workers' task, the sweeper and the web UI call these functions and never
 change a Report row themselves.
+
+A study's reports form a chain: each report after the first replaces the study's latest
+sent report (``Report.replaces_report_id``), and its SR's Predecessor Documents Sequence
+references that SR. A report is superseded, and never sent, once the study is analysed
+again or a radiologist's correction is opened after it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,19 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from node.analysis.result import ModelIdentity, SliceResult, StudyResult
-from node.records import lifecycle
-from node.records.db import Analysis, Instance, Report, ReportStatus, Study, StudyStatus, utcnow
+from node.records import lifecycle, outbox
+from node.records.db import (
+    Analysis,
+    Instance,
+    Report,
+    ReportKind,
+    ReportStatus,
+    Study,
+    StudyStatus,
+    Verdict,
+    utcnow,
+)
+from node.reporting.chain import latest_sent_report, observer_name, report_kind
 from node.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,12 +66,27 @@ def retry_delay(settings: Settings, failures: int) -> float:
     return min(settings.report_retry_seconds * 2 ** max(failures - 1, 0), MAX_RETRY_DELAY)
 
 
-def open_report(session: Session, analysis_id: int, settings: Settings) -> Report:
+def open_report(
+    session: Session,
+    analysis_id: int,
+    settings: Settings,
+    *,
+    verdict: Verdict | None = None,
+    due_at: datetime | None = None,
+) -> Report:
     """A new pending report of an analysis to the configured destination (its SR's UIDs are
-    fixed now, so every re-send is the same instance)."""
+    fixed now, so every re-send is the same instance).
+
+    It replaces the study's latest sent report, if any; its kind says why it was made: the
+    study's first result, a re-analysis (an earlier analysis of the study finished), or a
+    radiologist's correction (``verdict``). ``due_at`` hands it to the dispatcher's next
+    pass (a report opened outside a worker, which has no task to send it)."""
     destination = settings.report_destination
     if destination is None:
         raise NoDestination("no report destination is configured (set report_peer, or one peer)")
+    study_id = session.scalar(select(Analysis.study_id).where(Analysis.id == analysis_id))
+    kind = report_kind(session, analysis_id, verdict)
+    replaced = latest_sent_report(session, study_id)
     report = Report(
         analysis_id=analysis_id,
         sop_instance_uid=generate_uid(),
@@ -64,10 +95,26 @@ def open_report(session: Session, analysis_id: int, settings: Settings) -> Repor
         method=settings.report_method,
         status=ReportStatus.PENDING,
         retries=0,
+        kind=kind,
+        replaces_report_id=replaced.id if replaced is not None else None,
+        verdict_id=verdict.id if verdict is not None else None,
+        due_at=due_at,
     )
     session.add(report)
     session.flush()
     return report
+
+
+def open_correction(session: Session, verdict: Verdict, settings: Settings) -> Report | None:
+    """Write a radiologist's correction back: a new report whose SR states the corrected
+    finding and replaces the study's latest sent SR, due at the dispatcher's next pass.
+    None when the site does not write corrections back (``report_corrections``), the
+    verdict agrees, or no destination is configured."""
+    if not settings.report_corrections or verdict.corrected_class is None:
+        return None
+    if settings.report_destination is None or verdict.analysis_id is None:
+        return None
+    return open_report(session, verdict.analysis_id, settings, verdict=verdict, due_at=utcnow())
 
 
 def resend(session: Session, report: Report, now: datetime | None = None) -> None:
@@ -167,7 +214,13 @@ def deliver_report(node: Node, report_id: int, observer) -> str:
     Raises :class:`ReportRetry` after recording a transient failure inside the retry
     window, so the task layer schedules the next attempt.
     """
-    from node.reporting.sr import ReportError, SendError, build_sr, send_sr_dimse, send_sr_stow
+    from node.reporting.sr import (
+        ReportError,
+        SendError,
+        build_sr,
+        send_sr_dimse,
+        send_sr_stow,
+    )
 
     report = _claim(node, report_id)
     if report is None:
@@ -179,17 +232,21 @@ def deliver_report(node: Node, report_id: int, observer) -> str:
         peer = node.settings.peer(report.destination)
     except ValueError as exc:
         return _record_failure(node, claim, False, f"report peer no longer configured: {exc}")
-    if _superseded(node, report.analysis_id):
-        reason = "superseded: the study is analysed again (more images arrived, or a re-analysis)"
-        return _record_failure(node, claim, False, reason)
+    reason = _superseded(node, report)
+    if reason is not None:
+        # not a failure a person must act on: the newer result is reported
+        return _record_failure(node, claim, False, f"superseded: {reason}", notify=False)
     try:
         result, headers, study, _ = study_result(node, report.analysis_id)
+        predecessor, correction = _revision(node, claim, study)
         sr = build_sr(
             headers,
             result,
             observer,
             sop_instance_uid=report.sop_instance_uid,
             series_instance_uid=report.series_instance_uid,
+            predecessor=predecessor,
+            correction=correction,
         )
         if report.method == "stow":
             send_sr_stow(sr, peer)
@@ -254,21 +311,89 @@ def _finish(session: Session, claim: tuple[datetime, int], **values) -> bool:
     return done == 1
 
 
-def _superseded(node: Node, analysis_id: int) -> bool:
-    """Whether the study is analysed again after this analysis (more images arrived, or a
-    person asked): this SR would describe what the study was, and the new run reports."""
+def _superseded(node: Node, report: Report) -> str | None:
+    """Why this report must not be sent, or None: the study is analysed again after its
+    analysis (more images arrived, or a person asked), so the new run reports; or a
+    radiologist's correction was opened after it, and that report states the finding."""
+    analysis_id = report.analysis_id
     with node.session_factory() as session:
         study_id = session.scalar(select(Analysis.study_id).where(Analysis.id == analysis_id))
         newer = session.scalar(
             select(Analysis.id).where(Analysis.study_id == study_id, Analysis.id > analysis_id)
         )
         status = session.scalar(select(Study.status).where(Study.id == study_id))
-        return newer is not None or status in (S.RECEIVING, S.STABLE, S.QUEUED, S.ANALYZING)
+        if newer is not None or status in (S.RECEIVING, S.STABLE, S.QUEUED, S.ANALYZING):
+            return "the study is analysed again (more images arrived, or a re-analysis)"
+        correction = session.scalar(
+            select(Report.id)
+            .join(Analysis, Report.analysis_id == Analysis.id)
+            .where(
+                Analysis.study_id == study_id,
+                Report.id > report.id,
+                Report.kind == ReportKind.CORRECTION,
+            )
+        )
+        if correction is not None:
+            return "a radiologist's correction of the result replaces this report"
+        return None
 
 
-def _record_failure(node: Node, claim: tuple[datetime, int], transient: bool, error: str) -> str:
+def _revision(node: Node, claim: tuple[datetime, int], study: Study):
+    """The SR a report replaces and, for a correction, the radiologist's finding.
+
+    A report opened while the SR it replaces was still on its way records that SR at its
+    first delivery, once it is sent; the recorded predecessor never changes afterwards.
+    Raises :class:`~node.reporting.sr.ReportError` when the correction's verdict is gone.
+    """
+    from node.reporting.sr import Correction, Predecessor, ReportError
+
+    with node.session_factory() as session, session.begin():
+        report = session.get(Report, claim[1])
+        replaced = None
+        if report.replaces_report_id is not None:
+            replaced = session.get(Report, report.replaces_report_id)
+        elif report.sent_at is None:
+            replaced = latest_sent_report(session, study.id, before_report_id=report.id)
+            if replaced is not None:
+                session.execute(
+                    update(Report)
+                    .where(
+                        Report.id == report.id,
+                        Report.status == ReportStatus.SENDING,
+                        Report.claimed_at == claim[0],
+                        Report.replaces_report_id.is_(None),
+                    )
+                    .values(replaces_report_id=replaced.id)
+                )
+        predecessor = None
+        if replaced is not None:
+            predecessor = Predecessor(
+                study_instance_uid=study.study_instance_uid,
+                series_instance_uid=replaced.series_instance_uid,
+                sop_instance_uid=replaced.sop_instance_uid,
+            )
+        if report.kind != ReportKind.CORRECTION:
+            return predecessor, None
+        verdict = session.get(Verdict, report.verdict_id) if report.verdict_id else None
+        if verdict is None or verdict.corrected_class is None:
+            raise ReportError("the radiologist's verdict this correction states is gone")
+        try:
+            correction = Correction(
+                corrected_class=verdict.corrected_class,
+                observer_name=observer_name(session, verdict.username),
+                login_name=verdict.username,
+            )
+        except ValueError as exc:
+            raise ReportError(str(exc)) from exc
+        return predecessor, correction
+
+
+def _record_failure(
+    node: Node, claim: tuple[datetime, int], transient: bool, error: str, notify: bool = True
+) -> str:
     """Record a failed delivery: retrying while transient and inside ``report_retry_hours``
-    of the first failure (then :class:`ReportRetry` is raised), else failed."""
+    of the first failure (then :class:`ReportRetry` is raised), else failed (and, with
+    ``notify``, the ``report_failed`` notification in the same commit)."""
     settings = node.settings
     now = utcnow()
     report_id = claim[1]
@@ -294,6 +419,20 @@ def _record_failure(node: Node, claim: tuple[datetime, int], transient: bool, er
             failing_since=failing_since,
             next_retry_at=next_retry_at,
         )
+        if recorded and notify and status is ReportStatus.FAILED:
+            study_id = session.scalar(
+                select(Analysis.study_id).where(Analysis.id == report.analysis_id)
+            )
+            outbox.on_report_failed(
+                session,
+                settings,
+                report_id,
+                study_id,
+                report.destination,
+                report.sop_instance_uid,
+                retries,
+                error,
+            )
     if not recorded:
         return ReportStatus.SENDING
     log.warning("SR delivery %d: %s (%s)", report_id, error, status)

@@ -4,6 +4,12 @@ The SR files into the source study, names the node as device observer and the mo
 (TID 4019) as algorithm, carries the finding as a SNOMED CT code with its probability,
 and references every evaluated image. It is read back with highdicom before it is
 returned, so a report that a PACS or viewer could not parse never leaves the node.
+
+A revised SR (a re-analysis, or a radiologist's correction written back) lists the SR it
+replaces in its Predecessor Documents Sequence (0040,A360). A correction states the
+radiologist's finding with the radiologist as the person observer (TID 1003) and no
+algorithm: the model's result is not repeated in it but kept, unchanged, in the SR it
+replaces, so no finding is ever attributed to an observer that did not make it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from node import __version__
 from node.analysis.result import CLASSES, StudyResult
@@ -56,6 +63,8 @@ LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung structure")
 ALGORITHM_PURPOSE = codes.DCM.ProcessingEquipment
 DEMO_WARNING = "DEMO model trained on synthetic phantoms - not for clinical use"
 TRACKING_LABEL = "AI study classification"
+CORRECTION_LABEL = "Radiologist correction of the AI study classification"
+CORRECTION_DESCRIPTION = "ainode result corrected by a radiologist"
 _COPIED_TYPE2 = (
     "PatientName",
     "PatientID",
@@ -105,6 +114,50 @@ class DeviceObserver:
                 raise ValueError(f"observer {field} must be 1-64 characters without '\\'")
 
 
+@dataclass(frozen=True)
+class Predecessor:
+    """An SR the new one replaces: what its Predecessor Documents Sequence references."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = Comprehensive3DSRStorage
+
+    def __post_init__(self) -> None:
+        for field in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+            check_uid(getattr(self, field), f"predecessor {field}")
+        check_uid(self.sop_class_uid, "predecessor sop_class_uid")
+
+    def header(self) -> Dataset:
+        """The replaced SR's identifying attributes, as highdicom's ``previous_versions``."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        return ds
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A radiologist's corrected finding, stated in the SR as theirs (person observer)."""
+
+    corrected_class: str
+    observer_name: str  # the person's name (PN), e.g. their full name
+    login_name: str
+
+    def __post_init__(self) -> None:
+        if self.corrected_class not in FINDING_CODES:
+            raise ValueError(
+                f"corrected_class {self.corrected_class!r} has no code in FINDING_CODES "
+                f"(known: {', '.join(FINDING_CODES)})"
+            )
+        for field in ("observer_name", "login_name"):
+            value = getattr(self, field)
+            if not value or len(value) > 64 or "\\" in value:
+                raise ValueError(f"correction {field} must be 1-64 characters without '\\'")
+
+
 def build_sr(
     evaluated: Sequence[Dataset],
     result: StudyResult,
@@ -114,6 +167,8 @@ def build_sr(
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
+    predecessor: Predecessor | None = None,
+    correction: Correction | None = None,
 ) -> Dataset:
     """Build the SR for ``result`` on the ``evaluated`` images and prove highdicom reads it.
 
@@ -129,6 +184,11 @@ def build_sr(
     sop_instance_uid, series_instance_uid
         New UIDs are made when None: a re-issued report needs a new SOP Instance UID,
         since a PACS may silently keep the first instance it got under one UID.
+    predecessor
+        The SR this one replaces (same study): referenced in the Predecessor Documents
+        Sequence.
+    correction
+        A radiologist's correction: the SR states their finding instead of the model's.
 
     Raises
     ------
@@ -141,16 +201,29 @@ def build_sr(
         series_instance_uid = check_uid(series_instance_uid or hd.UID(), "series_instance_uid")
     except ValueError as exc:
         raise ReportError(str(exc)) from exc
-    finding = FINDING_CODES.get(result.predicted_class)
+    stated = correction.corrected_class if correction else result.predicted_class
+    finding = FINDING_CODES.get(stated)
     if finding is None:
         raise ReportError(
             f"predicted_class {result.predicted_class!r} has no code in FINDING_CODES "
             f"(known: {', '.join(CLASSES)})"
         )
+    if predecessor is not None and predecessor.study_instance_uid != evidence[0].StudyInstanceUID:
+        raise ReportError(
+            f"the replaced SR is in study {predecessor.study_instance_uid}, not in "
+            f"{evidence[0].StudyInstanceUID}: an SR replaces one of its own study"
+        )
+    if correction is not None:
+        content = _corrected_report(evidence, finding, correction)
+        description, equipment = CORRECTION_DESCRIPTION, None
+    else:
+        content = _measurement_report(evidence, result, finding, observer)
+        description = DEMO_WARNING if result.model.demo else "ainode AI result"
+        equipment = [_algorithm_equipment(result, observer)]
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
-            content=_measurement_report(evidence, result, finding, observer),
+            content=content,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
@@ -159,14 +232,15 @@ def build_sr(
             manufacturer_model_name=observer.model_name,
             software_versions=__version__,
             device_serial_number=observer.serial_number,
-            series_description=DEMO_WARNING if result.model.demo else "ainode AI result",
+            series_description=description,
             is_complete=True,
             performed_procedure_codes=[CT_CHEST],
-            contributing_equipment=[_algorithm_equipment(result, observer)],
+            previous_versions=[predecessor.header()] if predecessor else None,
+            contributing_equipment=equipment,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"highdicom refused the SR: {exc}") from exc
-    _check_round_trip(sr, finding, result)
+    _check_round_trip(sr, finding, result, predecessor, correction)
     return sr
 
 
@@ -234,6 +308,34 @@ def _measurement_report(
     )
 
 
+def _corrected_report(
+    evidence: Sequence[Dataset], finding: hd.sr.CodedConcept, correction: Correction
+) -> hd.sr.MeasurementReport:
+    """TID 1500 stating the radiologist's finding, with the radiologist as the one observer.
+
+    No Algorithm Identification and no probability: both would attribute the finding to
+    the model. The model's result stays in the SR this one replaces.
+    """
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=CORRECTION_LABEL),
+        finding_type=finding,
+        finding_sites=[hd.sr.FindingSite(LUNG)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+            for ds in evidence
+        ],
+    )
+    person = hd.sr.PersonObserverIdentifyingAttributes(
+        name=correction.observer_name, login_name=correction.login_name
+    )
+    context = hd.sr.ObservationContext(
+        observer_person_context=hd.sr.ObserverContext(codes.DCM.Person, person)
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=CT_CHEST, imaging_measurements=[group]
+    )
+
+
 def _algorithm_equipment(result: StudyResult, observer: DeviceObserver) -> hd.ContributingEquipment:
     """The model as Contributing Equipment, as IHE AI Results asks."""
     description = f"AI classification by {result.model.label}"
@@ -247,18 +349,30 @@ def _algorithm_equipment(result: StudyResult, observer: DeviceObserver) -> hd.Co
     )
 
 
-def _check_round_trip(sr: Dataset, finding: hd.sr.CodedConcept, result: StudyResult) -> None:
+def _check_round_trip(
+    sr: Dataset,
+    finding: hd.sr.CodedConcept,
+    result: StudyResult,
+    predecessor: Predecessor | None,
+    correction: Correction | None,
+) -> None:
     """Encode, decode and parse the SR with highdicom; it must say what we meant."""
     buffer = BytesIO()
     try:
         dcmwrite(buffer, sr, enforce_file_format=True)
-        summary = read_sr_summary(dcmread(BytesIO(buffer.getvalue())))
+        decoded = dcmread(BytesIO(buffer.getvalue()))
+        summary, revision = read_sr_summary(decoded), read_sr_revision(decoded)
     except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
         raise ReportError(f"the built SR does not read back: {exc}") from exc
     if summary["finding_code"] != (finding.scheme_designator, finding.value):
         raise ReportError(f"the SR reads back as {summary['finding_code']}, not {finding.value}")
-    if summary["demo"] != result.model.demo:
+    if summary["demo"] != (result.model.demo and correction is None):
         raise ReportError("the SR's demo marking does not read back")
+    if revision["predecessors"] != ([predecessor] if predecessor else []):
+        raise ReportError("the SR's Predecessor Documents Sequence does not read back")
+    expected = (correction.observer_name, correction.login_name) if correction else None
+    if revision["person_observer"] != expected:
+        raise ReportError("the SR's person observer does not read back")
 
 
 def read_sr_summary(ds: Dataset) -> dict:
@@ -279,15 +393,16 @@ def read_sr_summary(ds: Dataset) -> dict:
         raise ReportError(f"expected one measurement group with a finding, found {len(groups)}")
     group = groups[0]
     probabilities = group.get_measurements(name=PROBABILITY)
-    if len(probabilities) != 1:
+    corrected = not _text_items(group, codes.DCM.AlgorithmName)  # a radiologist's finding
+    if len(probabilities) != (0 if corrected else 1):
         raise ReportError(f"expected one Probability measurement, found {len(probabilities)}")
     observers = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
     return {
         "finding": group.finding_type.meaning,
         "finding_code": (group.finding_type.scheme_designator, group.finding_type.value),
-        "probability": float(probabilities[0].value),
-        "algorithm_name": _text_value(group, codes.DCM.AlgorithmName),
-        "algorithm_version": _text_value(group, codes.DCM.AlgorithmVersion),
+        "probability": None if corrected else float(probabilities[0].value),
+        "algorithm_name": None if corrected else _text_value(group, codes.DCM.AlgorithmName),
+        "algorithm_version": None if corrected else _text_value(group, codes.DCM.AlgorithmVersion),
         "study_instance_uid": str(sr.StudyInstanceUID),
         "sop_instance_uid": str(sr.SOPInstanceUID),
         "observer_uid": str(observers[0].observer_identifying_attributes.uid)
@@ -297,9 +412,38 @@ def read_sr_summary(ds: Dataset) -> dict:
     }
 
 
+def read_sr_revision(ds: Dataset) -> dict:
+    """What makes an SR a revision: ``predecessors`` (the :class:`Predecessor` items of its
+    Predecessor Documents Sequence, in order) and ``person_observer`` ((name, login name)
+    of the person observer of a radiologist's correction, else None)."""
+    predecessors = [
+        Predecessor(
+            study_instance_uid=str(study.StudyInstanceUID),
+            series_instance_uid=str(series.SeriesInstanceUID),
+            sop_instance_uid=str(item.ReferencedSOPInstanceUID),
+            sop_class_uid=str(item.ReferencedSOPClassUID),
+        )
+        for study in ds.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    person = None
+    if "ContentSequence" in ds:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+        people = sr.content.get_observer_contexts(observer_type=codes.DCM.Person)
+        if people:
+            attributes = people[0].observer_identifying_attributes
+            person = (str(attributes.name), attributes.login_name)
+    return {"predecessors": predecessors, "person_observer": person}
+
+
+def _text_items(group: hd.sr.MeasurementsAndQualitativeEvaluations, name) -> list:
+    return hd.sr.utils.find_content_items(group[0], name=name, value_type="TEXT")
+
+
 def _text_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, name) -> str:
     """The value of the one TEXT item called ``name`` directly in a measurement group."""
-    items = hd.sr.utils.find_content_items(group[0], name=name, value_type="TEXT")
+    items = _text_items(group, name)
     if len(items) != 1:
         raise ReportError(f"expected one {name.meaning!r} item, found {len(items)}")
     return str(items[0].TextValue)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from node.analysis.analyze import AnalysisError, AnalysisOptions, analyze_instances
 from node.analysis.imaging import ImagingError
 from node.analysis.result import ModelIdentity
-from node.records import lifecycle
+from node.records import lifecycle, outbox, routing
 from node.records.db import (
     Analysis,
     AnalysisStatus,
@@ -33,6 +33,7 @@ from node.records.db import (
     utcnow,
 )
 from node.reporting.delivery import open_report
+from node.workflow import retention
 
 if TYPE_CHECKING:
     from node.analysis.bundle import ModelBundle
@@ -85,6 +86,12 @@ def instance_paths(node: Node, study_id: int) -> list[Path]:
     return [node.store.path(key) for key in keys]
 
 
+def analysis_options(node: Node) -> AnalysisOptions:
+    """The settings' options, with the series rules in force choosing the series."""
+    with node.session_factory() as session:
+        return routing.options_with_rules(session, node.settings)
+
+
 def run_analysis(
     node: Node, bundle: ModelBundle, study_id: int, worker: str = "worker"
 ) -> int | None:
@@ -99,12 +106,15 @@ def run_analysis(
     if analysis_id is None:
         log.info("study %d is not waiting for analysis; nothing to do", study_id)
         return None
+    with node.session_factory() as session:
+        removed_at = retention.pixels_removed_at(session, study_id)
+    if removed_at is not None:  # its files keep headers only: refuse, with the reason
+        _finish_failed(node, study_id, analysis_id, retention.removed_reason(removed_at))
+        return None
     try:
         with heartbeat(node, analysis_id, node.settings.analysis_timeout_seconds / 6):
             outcome = analyze_instances(
-                instance_paths(node, study_id),
-                bundle,
-                AnalysisOptions.from_settings(node.settings),
+                instance_paths(node, study_id), bundle, analysis_options(node)
             )
     except AnalysisError as exc:
         _finish_failed(node, study_id, analysis_id, str(exc))
@@ -156,6 +166,8 @@ def _finish_failed(node: Node, study_id: int, analysis_id: int, reason: str) -> 
             .values(status=AnalysisStatus.FAILED, error=reason[:2048], finished_at=utcnow())
         )
         failed = lifecycle.end_run(session, study_id, analysis_id, S.FAILED, reason[:1024])
+        if failed:
+            outbox.on_analysis_failed(session, node.settings, study_id, analysis_id)
     if failed:
         log.warning("study %d cannot be analysed: %s", study_id, reason)
 
@@ -171,9 +183,11 @@ def _abandon(node: Node, study_id: int, analysis_id: int, reason: str, counted: 
             .values(status=AnalysisStatus.ABANDONED, error=reason[:2048], finished_at=utcnow())
         )
         if counted:
-            lifecycle.abandon_run(
+            status = lifecycle.abandon_run(
                 session, study_id, analysis_id, reason, settings.analysis_max_attempts
             )
+            if status is S.FAILED:
+                outbox.on_analysis_failed(session, settings, study_id, analysis_id)
         else:
             lifecycle.end_run(session, study_id, analysis_id, S.QUEUED, reason[:1024])
 
@@ -218,6 +232,15 @@ def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
                 probabilities=dict(zip(result.classes, item.probabilities, strict=True)),
             )
             for position, item in enumerate(result.slices)
+        )
+        outbox.on_result(  # in this commit: the event is neither lost nor doubled
+            session,
+            settings,
+            study_id,
+            analysis_id,
+            result.predicted_class,
+            dict(zip(result.classes, result.probabilities, strict=True)),
+            (result.model.name, result.model.version),
         )
         if settings.report_destination is None:
             return None

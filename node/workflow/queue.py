@@ -15,6 +15,8 @@ ANALYZE_STUDY = "node.tasks.analyze_study"
 SEND_REPORT = "node.tasks.send_report"
 RUN_EXPORT = "node.tasks.run_export"
 CLASSIFY_UPLOAD = "node.tasks.classify_upload"
+# on the reports queue: a delivery, like an SR, by the workers that already consume it
+SEND_NOTIFICATION = "node.tasks.send_notification"
 QUEUES = ("uploads", "reports", "analysis", "exports")  # what a worker consumes
 # The embedded workers of `ainode serve`: what a person waits for (an SR, an uploaded file's
 # answer) never waits behind a long analysis or export.
@@ -51,6 +53,7 @@ def make_celery(settings: Settings) -> Celery:
             SEND_REPORT: {"queue": "reports"},
             RUN_EXPORT: {"queue": "exports"},
             CLASSIFY_UPLOAD: {"queue": "uploads"},
+            SEND_NOTIFICATION: {"queue": "reports"},
         },
         task_default_queue="analysis",
         worker_hijack_root_logger=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, update
 
-from node.records import lifecycle
+from node.records import lifecycle, outbox, routing
 from node.records.db import Analysis, AnalysisStatus, Study, StudyStatus, utcnow
 from node.reporting.delivery import due_reports
-from node.workflow import exports, uploads
+from node.workflow import exports, notifications, retention, uploads
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -44,6 +45,7 @@ class DueWork:
     reports: list[int]
     exports: list[int] = field(default_factory=list)
     uploads: list[int] = field(default_factory=list)
+    notifications: list[int] = field(default_factory=list)
 
 
 def due_work(node: Node, now: datetime | None = None) -> DueWork:
@@ -56,9 +58,7 @@ def due_work(node: Node, now: datetime | None = None) -> DueWork:
     lost_send = now - timedelta(seconds=settings.report_lease_seconds)
     analyses: list[int] = []
     with node.session_factory() as session, session.begin():
-        for study_id in session.scalars(select(Study.id).where(Study.status == S.STABLE)):
-            if lifecycle.move_where(session, study_id, {S.STABLE}, S.QUEUED, now=now):
-                analyses.append(study_id)
+        analyses += _route_stable(session, now)
         for study_id in session.scalars(
             select(Study.id).where(Study.status == S.QUEUED, Study.status_changed_at <= stale_queue)
         ):
@@ -70,7 +70,30 @@ def due_work(node: Node, now: datetime | None = None) -> DueWork:
         handed_out = exports.due_exports(session, now, stale_queue, dead_worker)
         exports.expire_exports(session, settings, now)  # issue 14: bundles past retention
         classify = uploads.due_uploads(session, now, stale_queue, dead_worker)
-    return DueWork(analyses, reports, handed_out, classify)
+        notify = notifications.due_notifications(session, settings, now)
+    return DueWork(analyses, reports, handed_out, classify, notify)
+
+
+def _route_stable(session, now: datetime) -> list[int]:
+    """Move stable studies to ``queued`` when the first study rule they match says analyse;
+    the others to ``ignored`` with the reason (the rule, or that none matched)."""
+    stable = session.scalars(select(Study.id).where(Study.status == S.STABLE)).all()
+    if not stable:
+        return []
+    rules = routing.load_rules(session, routing.STUDY)
+    looks = routing.needs_facts(rules)
+    queued = []
+    for study_id in stable:
+        try:
+            facts = routing.study_facts(session, study_id) if looks else routing.StudyFacts()
+        except LookupError:  # deleted meanwhile (discarded by a person)
+            continue
+        decision = routing.decide_study(rules, facts)
+        if not decision.analyze:
+            lifecycle.move_where(session, study_id, {S.STABLE}, S.IGNORED, decision.reason, now)
+        elif lifecycle.move_where(session, study_id, {S.STABLE}, S.QUEUED, now=now):
+            queued.append(study_id)
+    return queued
 
 
 def _recover_lost_runs(session, settings, now: datetime, dead_worker: datetime) -> list[int]:
@@ -95,6 +118,8 @@ def _recover_lost_runs(session, settings, now: datetime, dead_worker: datetime) 
         )
         if status is S.QUEUED:
             requeued.append(study_id)
+        elif status is S.FAILED:
+            outbox.on_analysis_failed(session, settings, study_id, analysis_id)
     return requeued
 
 
@@ -109,6 +134,7 @@ class Dispatcher:
             ANALYZE_STUDY,
             CLASSIFY_UPLOAD,
             RUN_EXPORT,
+            SEND_NOTIFICATION,
             SEND_REPORT,
             enqueue,
         )
@@ -122,6 +148,8 @@ class Dispatcher:
             enqueue(self.app, RUN_EXPORT, job_id)
         for job_id in work.uploads:
             enqueue(self.app, CLASSIFY_UPLOAD, job_id)
+        for notification_id in work.notifications:
+            enqueue(self.app, SEND_NOTIFICATION, notification_id)
 
 
 def run(
@@ -137,6 +165,7 @@ def run(
     one pass.
     """
     failures = 0
+    retention_due = time.monotonic()  # retention and the orphan sweep: now, then each interval
     while not stop.is_set():
         try:
             sweep_once(node)
@@ -151,4 +180,22 @@ def run(
             )
             stop.wait(wait)
             continue
+        retention_due = _retention_pass(node, retention_due)
         stop.wait(interval)
+
+
+def _retention_pass(node: Node, due: float) -> float:
+    """Run retention (and the orphan sweep) once it is due; returns when it is next due.
+
+    A few studies a pass, so the lifecycle's own work never waits long; its failure is
+    logged and waits for the next interval, never slowing the lifecycle's passes (back-off)."""
+    now = time.monotonic()
+    if now < due:
+        return due
+    interval = node.settings.retention_interval_seconds
+    try:
+        done = retention.run_retention(node, max_studies=retention.STUDIES_PER_PASS)
+    except Exception:
+        log.exception("retention run failed; next try in %.0f s", interval)
+        return now + interval
+    return now if done.more else now + interval  # more to take: go on after the next pass
