@@ -33,7 +33,13 @@ run)
     shift
     apt_install python3-venv
     venv .
-    exec .venv/bin/ainode "$@" serve
+    # `--demo` is an option of `serve`; the others are the node's global options
+    demo=""
+    for arg do
+        shift
+        if [ "$arg" = --demo ]; then demo=--demo; else set -- "$@" "$arg"; fi
+    done
+    exec .venv/bin/ainode "$@" serve $demo
     ;;
 test)
     shift
@@ -46,7 +52,7 @@ test)
     exec .venv/bin/python -m pytest "$@"
     ;;
 *)
-    echo "usage: ./setup.sh run [serve options] | ./setup.sh test [pytest options]" >&2
+    echo "usage: ./setup.sh run [--demo] [ainode options] | ./setup.sh test [pytest options]" >&2
     exit 2
     ;;
 esac

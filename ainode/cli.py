@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import os
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 from datetime import date, timedelta
@@ -14,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
@@ -50,6 +53,18 @@ def _setup_argparser() -> argparse.ArgumentParser:
         help="also serve the web UI on web_port (default: yes; --no-web when `ainode web` "
         "runs it as its own process)",
     )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="try the node without a PACS: accept the demo's stand-in PACS (AE AINODE_DEMO) "
+        "and run `ainode demo` once it listens; creates an admin account if there is none",
+    )
+    serve.add_argument(
+        "--bootstrap-admin",
+        metavar="NAME",
+        help="when no web UI account exists, create admin NAME with a generated password, "
+        "shown once on the console",
+    )
     sub.add_parser("scp", help="run only the storage SCP and the study lifecycle")
     sub.add_parser("web", help="run only the web UI (waitress, web_threads threads)")
     worker = sub.add_parser("worker", help="run an analysis/report worker (Celery)")
@@ -60,6 +75,8 @@ def _setup_argparser() -> argparse.ArgumentParser:
     )
     # set by `ainode serve` for its embedded workers: end with that process
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    # set by `ainode serve --demo` for its embedded workers: they report to the demo too
+    worker.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
 
     classify = sub.add_parser("classify", help="classify PNG/JPG slices or DICOM files/folders")
     classify.add_argument("paths", nargs="+", type=Path)
@@ -139,13 +156,23 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         + (f", broker {_redacted(settings.resolved_broker_url)}" if analysis else ""),
         flush=True,
     )
+    demo = analysis and args.demo
+    if analysis:
+        bootstrap = args.bootstrap_admin or ("admin" if demo else None)
+        first_account(node, bootstrap, _ainode_command(args), explicit=bool(args.bootstrap_admin))
     workers = _start_workers(args) if with_worker else None
     wants_web = analysis and args.web and settings.web_port
     web = _start_web(settings, node) if wants_web else None
+    demo_run: list[subprocess.Popen] = []
     try:
         dispatch = Dispatcher(node, make_celery(settings)) if analysis else None
-        _receive_and_sweep(node, stop, dispatch)
+        on_listening = (lambda: demo_run.append(_start_demo(args))) if demo else None
+        _receive_and_sweep(node, stop, dispatch, on_listening)
     finally:
+        for process in demo_run:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
         if web is not None:
             web.stop()
         if workers is not None:
@@ -154,7 +181,65 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _receive_and_sweep(node, stop: threading.Event, dispatch) -> None:
+def first_account(node, bootstrap: str | None, command: str, explicit: bool = True) -> None:
+    """With no web UI account, say once on the console (stdout, never a log) how to make the
+    first administrator — or make ``bootstrap`` one, with a generated password shown once."""
+    from node.records import audit, users
+    from node.records.db import User, UserRole
+
+    with node.session_factory() as session:
+        if session.scalar(select(func.count()).select_from(User)):
+            if bootstrap and session.scalar(select(User).where(User.username == bootstrap)):
+                return  # made on an earlier start: its password was shown then
+            if bootstrap and explicit:
+                print(f"--bootstrap-admin {bootstrap}: web UI accounts exist; none created")
+            return
+        if bootstrap is None:
+            print(
+                "no web UI account yet; create the first administrator with\n"
+                f"    {command} user add NAME --role admin\n"
+                f"or start the node with `{command} serve --bootstrap-admin NAME`",
+                flush=True,
+            )
+            return
+        password = secrets.token_urlsafe(12)
+        users.add_user(session, bootstrap, password, UserRole.ADMIN, "Administrator")
+        audit.record(session, audit.command_line_user(), "user_add", user=bootstrap, role="admin")
+        session.commit()
+    print(
+        f"web UI account created: {bootstrap} (admin), password {password}\n"
+        f"    shown only now; change it with `{command} user password {bootstrap}`",
+        flush=True,
+    )
+
+
+def _ainode_command(args: argparse.Namespace) -> str:
+    """How the person who started this process runs ``ainode`` again, with the same
+    settings: ``ainode`` when it is on the PATH, else the venv's script (``.venv/bin/ainode``
+    from a clone)."""
+    script = Path(sys.executable).parent / "ainode"
+    on_path = shutil.which("ainode")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        command = "ainode"
+    else:
+        try:
+            command = str(script.relative_to(Path.cwd()))
+        except ValueError:
+            command = str(script)
+    if args.config:
+        command += f" --config {args.config}"
+    return command
+
+
+def _start_demo(args: argparse.Namespace) -> subprocess.Popen:
+    """``ainode demo`` beside this node, its output on this console."""
+    command = [sys.executable, "-m", "ainode.cli"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    return subprocess.Popen([*command, "demo"])
+
+
+def _receive_and_sweep(node, stop: threading.Event, dispatch, on_listening=None) -> None:
     """The storage SCP, and the sweeper (with ``dispatch`` after each pass) until ``stop``."""
     from node.dicom.scp import start_scp
     from node.workflow import sweeper
@@ -162,9 +247,12 @@ def _receive_and_sweep(node, stop: threading.Event, dispatch) -> None:
     if node.settings.calling_ae_allow_list == set():
         log.warning(
             "no calling AE is allowed: every association will be rejected. Set "
-            "AINODE_ALLOWED_CALLING_AES='[\"YOURPACS\"]' or configure peers"
+            "AINODE_ALLOWED_CALLING_AES='[\"YOURPACS\"]' or configure peers (to try the node "
+            "without a PACS: `ainode serve --demo`)"
         )
     server = start_scp(node.settings, node.ingestor)
+    if on_listening is not None:
+        on_listening()
     try:
         sweeper.run(node, stop, dispatch=dispatch)
     finally:
@@ -224,9 +312,11 @@ def _start_workers(args: argparse.Namespace):
         command += ["--config", str(args.config)]
     if args.verbose:
         command.append("--verbose")
+    demo = ["--demo"] if args.demo else []
     commands = {
         ",".join(queues): [
-            *command, "worker", f"--queues={','.join(queues)}", f"--parent-pid={os.getpid()}"
+            *command, "worker", f"--queues={','.join(queues)}", f"--parent-pid={os.getpid()}",
+            *demo,
         ]
         for queues in WORKER_GROUPS
     }  # fmt: skip
@@ -260,6 +350,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     app = make_celery(settings)
     app.worker_main(
         [
+            *(["--quiet"] if args.parent_pid is not None else []),  # no banner inside serve
             "worker",
             f"--queues={','.join(queues)}",
             "--pool=solo",
@@ -516,11 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / per copied module
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "phantom":
         return phantom.run(args)
     try:
-        settings = load_settings(args.config)
+        demo = args.command == "demo" or getattr(args, "demo", False)
+        settings = load_settings(args.config, **({"demo": True} if demo else {}))
         logs.configure(settings.log_format)
         return COMMANDS[args.command](settings, args)
     except ValidationError as exc:

@@ -23,6 +23,9 @@ AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 c
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"  # the bundle shipped with the node
 # What the node can tell people about (``notify_events``), see node.records.outbox.
 NOTIFY_EVENTS = ("covid_19_above_threshold", "analysis_failed", "report_failed", "disk_low")
+# ``ainode demo``: the stand-in PACS's AE title and its peer entry's name (``demo = true``)
+DEMO_AE_TITLE = "AINODE_DEMO"
+DEMO_PEER_NAME = "ainode-demo"
 
 
 def default_data_dir() -> Path:
@@ -178,6 +181,11 @@ class Settings(BaseSettings):
     notify_retry_seconds: float = Field(30.0, gt=0)  # doubled after each failure, at most 1 h
     notify_max_attempts: int = Field(10, ge=1)  # then the notification is failed
     notify_disk_low_every_minutes: float = Field(60.0, gt=0)  # one disk_low event at most
+    # the demo (``ainode serve --demo``, ``ainode demo``): the node also knows a stand-in PACS,
+    # AE ``AINODE_DEMO`` on this machine's demo_port, which sends phantom studies and, when no
+    # other PACS is the report destination, receives their SRs
+    demo: bool = False
+    demo_port: int = Field(11113, ge=1, le=65535)
 
     @classmethod
     def settings_customise_sources(
@@ -293,6 +301,18 @@ class Settings(BaseSettings):
                 f"retention_min_free_disk_mb ({floor}) must be above min_free_disk_mb "
                 f"({self.min_free_disk_mb}), or associations are refused before retention acts"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _demo_peer(self) -> Settings:
+        """With ``demo``, add the stand-in PACS as a peer; the site's own report destination
+        (if it has one) stays the report destination."""
+        if not self.demo or any(p.name == DEMO_PEER_NAME for p in self.peers):
+            return self
+        if self.report_peer is None and len(self.peers) == 1:
+            self.report_peer = self.peers[0].name
+        demo = Peer(name=DEMO_PEER_NAME, ae_title=DEMO_AE_TITLE, port=self.demo_port)
+        self.peers = [*self.peers, demo]
         return self
 
     @model_validator(mode="after")

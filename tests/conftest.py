@@ -71,6 +71,21 @@ def make_settings(tmp_path):
 
 
 @pytest.fixture
+def make_node(make_settings):
+    """Build nodes (migrated) from ``make_settings(**overrides)``; closed after the test."""
+    built = []
+
+    def make(**overrides) -> Node:
+        node = build_node(make_settings(**overrides), migrate=True)
+        built.append(node)
+        return node
+
+    yield make
+    for node in built:
+        node.close()
+
+
+@pytest.fixture
 def settings(make_settings) -> Settings:
     """Default node settings for a test."""
     return make_settings()

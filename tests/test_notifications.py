@@ -146,20 +146,6 @@ def series(tmp_path_factory) -> list[Path]:
     )
 
 
-@pytest.fixture
-def make_node(make_settings):
-    built = []
-
-    def make(**overrides):
-        node = build_node(make_settings(**overrides), migrate=True)
-        built.append(node)
-        return node
-
-    yield make
-    for node in built:
-        node.close()
-
-
 def webhook(receiver: WebhookReceiver, **more) -> dict:
     return {"notify_webhook_url": receiver.url, "notify_webhook_secret": SECRET, **more}
 

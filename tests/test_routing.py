@@ -21,7 +21,6 @@ from node.records.db import (
     StudyStatus,
 )
 from node.records.routing import Conditions, Rule, SeriesFacts, StudyFacts
-from node.runtime import build_node
 from node.settings import DEMO_MODEL_DIR
 from node.workflow import jobs, sweeper
 from tests.test_pipeline import ingest_files, stable
@@ -134,20 +133,6 @@ def test_bad_rules_are_refused_naming_the_fault(kind, action, conditions, messag
 
 
 # ------------------------------------------------------------------ the node
-
-
-@pytest.fixture
-def make_node(make_settings):
-    built = []
-
-    def make(**overrides):
-        node = build_node(make_settings(**overrides), migrate=True)
-        built.append(node)
-        return node
-
-    yield make
-    for node in built:
-        node.close()
 
 
 @pytest.fixture(scope="module")

@@ -369,7 +369,7 @@ def test_page_links_and_per_page_limit(browsing):
         ("page=-1", "page must be a whole number from 1; got '-1'"),
         ("per_page=1.5", "per_page must be a whole number from 1; got '1.5'"),
         ("status=done", "status must be one of receiving, stable, queued, analyzing, analyzed, "
-                        "reported, failed; got 'done'"),
+                        "reported, failed, ignored, suspended; got 'done'"),
         ("class=covid", "class must be one of Covid_19, Normal, Pneumonia; got 'covid'"),
         ("sort=name", "sort must be one of received, study_date, status, class, probability; "
                       "got 'name'"),

@@ -15,7 +15,6 @@ from node import phantom
 from node.analysis.bundle import ModelBundle
 from node.records import lifecycle
 from node.records.db import Analysis, Instance, Report, Study, StudyStatus, utcnow
-from node.runtime import build_node
 from node.settings import DEMO_MODEL_DIR, Peer
 from node.workflow import jobs, sweeper
 from tests.peers import free_port
@@ -31,20 +30,6 @@ def bundle() -> ModelBundle:
 def series(tmp_path_factory) -> list[Path]:
     spec = phantom.PhantomSpec(slices=12, seed=33)
     return phantom.write_series(spec, tmp_path_factory.mktemp("hardening"))
-
-
-@pytest.fixture
-def make_node(make_settings):
-    built = []
-
-    def make(**overrides):
-        node = build_node(make_settings(**overrides), migrate=True)
-        built.append(node)
-        return node
-
-    yield make
-    for node in built:
-        node.close()
 
 
 def study_row(node, study_id) -> Study:

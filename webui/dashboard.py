@@ -18,10 +18,9 @@ from sqlalchemy import select
 
 from node.records import dashboard, lifecycle
 from node.records.db import Analysis, Report, ReportStatus, StudyStatus, utcnow
-from node.reporting import delivery
 from webui import audit, node, session
 from webui.auth import admin_required
-from webui.review import find_study
+from webui.review import find_study, resend_audited
 
 log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__)
@@ -260,17 +259,7 @@ def resend(report_id: int):
     if previous not in (ReportStatus.FAILED, ReportStatus.RETRYING):
         db.rollback()
         return _done(f"Report {report_id} is {previous}: nothing to re-send.", "error")
-    delivery.resend(db, report)
     study_id = db.scalar(select(Analysis.study_id).where(Analysis.id == report.analysis_id))
-    audit.record(
-        db,
-        current_user.username,
-        "resend_report",
-        study_id,
-        report_id=report.id,
-        sop_instance_uid=report.sop_instance_uid,
-        destination=report.destination,
-        previous_status=previous,
-    )
+    resend_audited(db, report, study_id, previous)
     db.commit()
     return _done(f"The report will be sent to {report.destination} again shortly.")

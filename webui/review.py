@@ -4,10 +4,13 @@ answering it (a flash and the study page, or JSON)."""
 from __future__ import annotations
 
 from flask import abort, flash, jsonify, redirect, request, url_for
+from flask_login import current_user
 from sqlalchemy.orm import Session
 
-from node.records.db import Study
+from node.records.db import Report, Study
 from node.records.results import latest_analysis, latest_report
+from node.reporting import delivery
+from webui import audit
 
 __all__ = ["answer", "find_study", "latest_analysis", "latest_report", "posted_fields"]
 
@@ -37,3 +40,20 @@ def answer(study_id: int, message: str, category: str = "info", anchor: str | No
         return jsonify(ok=ok, message=message), 200 if ok else 400
     flash(message, category)
     return redirect(url_for("study.view", study_id=study_id, _anchor=anchor), code=303)
+
+
+def resend_audited(db: Session, report: Report, study_id: int, previous: str | None) -> None:
+    """Put ``report`` back to be sent at the next sweep, audited as the signed-in user (the
+    caller commits)."""
+    delivery.resend(db, report)
+    db.flush()
+    audit.record(
+        db,
+        current_user.username,
+        "resend_report",
+        study_id,
+        report_id=report.id,
+        sop_instance_uid=report.sop_instance_uid,
+        destination=report.destination,
+        previous_status=previous,
+    )

@@ -31,6 +31,7 @@ from webui.review import (
     latest_analysis,
     latest_report,
     posted_fields,
+    resend_audited,
 )
 
 log = logging.getLogger(__name__)
@@ -233,18 +234,7 @@ def resend_report(study_id: int):
             report = delivery.open_report(db, result.id, node().settings)
         except delivery.NoDestination:
             abort(400, "No report destination is configured (set report_peer, or one peer).")
-    delivery.resend(db, report)
-    db.flush()
-    audit.record(
-        db,
-        current_user.username,
-        "resend_report",
-        study_id,
-        report_id=report.id,
-        sop_instance_uid=report.sop_instance_uid,
-        destination=report.destination,
-        previous_status=previous,
-    )
+    resend_audited(db, report, study_id, previous)
     db.commit()
     return answer(
         study_id, f"The report will be sent to {report.destination} again shortly.", anchor="sr"

@@ -6,6 +6,12 @@ Each module exposes ``register(subparsers) -> {command: handler}``, the same pro
 
 from __future__ import annotations
 
-from ainode.commands import labels, models, retention, users
+from ainode.commands import demo, labels, models, retention, users
 
-GROUPS: list = [models.register, labels.register, users.register, retention.register]
+GROUPS: list = [
+    models.register,
+    labels.register,
+    users.register,
+    retention.register,
+    demo.register,
+]

@@ -24,6 +24,7 @@ from pynetdicom import AE, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, DIMSEMessage
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_items import PresentationContextItemRQ
 from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import DBAPIError
@@ -578,7 +579,15 @@ def _request_or_abort(dul) -> str:
     PDU (PS3.8 9.3.2.2: presentation context IDs are odd, 1-255; pynetdicom raises on an
     even one after it has read the request): A-ABORT it (AA-8: the association's thread
     gets an A-P-ABORT where it waits for the request; :func:`handle_requested` ends it)
-    instead of losing the connection's threads with a traceback."""
+    instead of losing the connection's threads with a traceback. So is a request with a
+    presentation context that has no abstract syntax (one is required; pynetdicom raises on
+    it later, in the association's thread, and the connection stayed open)."""
+    request = dul._recv_pdu.queue[0] if dul._recv_pdu.queue else None
+    if request is not None and _context_without_abstract_syntax(request):
+        dul._recv_pdu.get(False)
+        log.warning("association request refused (aborted): a presentation context has no "
+                    "abstract syntax")  # fmt: skip
+        return fsm.AA_8(dul)
     try:
         return _AE_6(dul)
     except ValueError as exc:
@@ -586,11 +595,17 @@ def _request_or_abort(dul) -> str:
         return fsm.AA_8(dul)
 
 
+def _context_without_abstract_syntax(request) -> bool:
+    contexts = [i for i in request.variable_items if isinstance(i, PresentationContextItemRQ)]
+    return any(context.abstract_syntax is None for context in contexts)
+
+
 def handle_requested(event: evt.Event) -> None:
     """End an association whose request :func:`_request_or_abort` aborted: close the
     connection (the A-ABORT is sent) and stop its threads, before pynetdicom negotiates."""
     association = event.assoc
-    if isinstance(association.requestor.primitive, A_P_ABORT):
+    primitive = association.requestor.primitive
+    if isinstance(primitive, A_P_ABORT):
         association.is_aborted = True
         sock = association.dul.socket.socket if association.dul.socket else None
         if sock is not None:

@@ -159,6 +159,18 @@ def observer(node: Node) -> DeviceObserver:
     )
 
 
+# A job a person or the sweeper queued: acknowledged once done, redelivered when its worker
+# dies, retried (with back-off) while the database is unreachable.
+_JOB = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "max_retries": 5,
+}
+
+
 @shared_task(
     bind=True,
     name="node.tasks.analyze_study",
@@ -197,43 +209,19 @@ def send_report(self, report_id: int) -> None:
         raise self.retry(exc=exc, countdown=exc.delay, max_retries=None) from exc
 
 
-@shared_task(
-    bind=True,
-    name="node.tasks.run_export",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(OperationalError,),
-    retry_backoff=True,
-    max_retries=5,
-)
+@shared_task(name="node.tasks.run_export", **_JOB)
 def run_export(self, job_id: int) -> None:
     """Run an export job the web UI queued (progress and outcome go to its row)."""
     exports.run_export_job(worker_node(self.app), job_id)
 
 
-@shared_task(
-    bind=True,
-    name="node.tasks.classify_upload",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(OperationalError,),
-    retry_backoff=True,
-    max_retries=5,
-)
+@shared_task(name="node.tasks.classify_upload", **_JOB)
 def classify_upload(self, job_id: int) -> None:
     """Classify a file uploaded in the web UI with the active model."""
     uploads.classify_upload_job(worker_node(self.app), lambda: worker_state(self.app)[1], job_id)
 
 
-@shared_task(
-    bind=True,
-    name="node.tasks.send_notification",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(OperationalError,),
-    retry_backoff=True,
-    max_retries=5,
-)
+@shared_task(name="node.tasks.send_notification", **_JOB)
 def send_notification(self, notification_id: int) -> None:
     """Make one attempt at a notification; its row keeps the retry schedule (the sweeper
     hands it out again when due), so a retry never waits inside a worker."""
