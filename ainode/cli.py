@@ -364,6 +364,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
+    from node.analysis import calibration
     from node.analysis.analyze import AnalysisOptions
     from node.analysis.bundle import ModelBundle
     from node.analysis.classify import classify_paths
@@ -385,6 +386,7 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
                         for name, p in found.slices
                     ],
                     "skipped": found.skipped,
+                    "decision": found.decision,
                 },
                 indent=2,
             )
@@ -400,6 +402,8 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
         f"{c} {p:.3f}" for c, p in zip(found.classes, found.probabilities, strict=False)
     )
     print(f"result: {found.predicted_class} ({study})")
+    if found.decision:
+        print(f"decided by: {calibration.describe(found.decision)}")
     return 0
 
 

@@ -161,6 +161,12 @@ class Settings(BaseSettings):
     # a radiologist's correction of a result is written back as a new SR that replaces the
     # model's (its Predecessor Documents Sequence): off unless the site wants the PACS to get it
     report_corrections: bool = False
+    # a study the model flags as outside its experience (node.analysis.ood) gets no SR until a
+    # radiologist sends it (off: its SR goes out as any other, with the warning in it)
+    report_hold_outside_experience: bool = False
+    # each key slice's Grad-CAM map goes with the SR as an RGB Secondary Capture (the slice with
+    # the map overlaid) in a new series of the study (node.reporting.heatmap_sc)
+    report_heatmaps: bool = False
     # notifications (webhook and e-mail); they leave the node: the study UID, status, result
     # and a link by default, patient name, ID, accession number and date only when allowed
     notify_events: list[str] = Field(default_factory=lambda: list(NOTIFY_EVENTS))

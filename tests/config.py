@@ -33,3 +33,9 @@ def write_config(settings: Settings, path: Path) -> Path:
         lines += [f"{k} = {_toml_value(v)}" for k, v in peer.items() if v is not None]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def format1(info):
+    """``info`` (a ModelInfo) as a bundle of format 1 says it: no calibration, operating
+    point or OOD statistics (what the demo's model.json describes of its own files)."""
+    return info.replace(format_version=1, calibration={}, operating_point={}, ood={})

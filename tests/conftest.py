@@ -134,6 +134,25 @@ def chest_series(tmp_path_factory) -> tuple[phantom.PhantomSpec, list[Path]]:
     return spec, phantom.write_series(spec, folder)
 
 
+@pytest.fixture(scope="session")
+def format1_bundle_dir(tmp_path_factory) -> Path:
+    """The shipped demo bundle as a bundle of format 1 (made before calibration, operating
+    point and OOD statistics existed): the same model, model.json without them."""
+    import json
+    import shutil
+
+    from node.settings import DEMO_MODEL_DIR
+
+    folder = tmp_path_factory.mktemp("format1") / "bundle"
+    folder.mkdir()
+    shutil.copy2(DEMO_MODEL_DIR / "model.keras", folder / "model.keras")
+    info = json.loads((DEMO_MODEL_DIR / "model.json").read_text(encoding="utf-8"))
+    for key in ("format_version", "calibration", "operating_point", "ood"):
+        info.pop(key, None)
+    (folder / "model.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _quiet_pynetdicom():
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -62,45 +62,33 @@ class Serve:
 
 def review_in_chromium(url: str, password: str) -> None:
     """Sign in as the generated admin; the worklist holds the demo's four studies, each
-    analysed and reported; one study page shows its answer and its sent SR. Screenshots go to
-    test-artifacts/demo/ (the README's come from here)."""
-    from playwright.sync_api import expect, sync_playwright
+    analysed and reported; a COVID study's page shows its answer, its sent SR and, on its
+    first key slice, where the model looked. Screenshots go to test-artifacts/demo/ (the
+    README's come from here)."""
+    from playwright.sync_api import expect
 
-    from tests.test_webui_browser import CHROMIUM_FLAGS, chromium_path
+    from tests.test_webui_browser import chromium_page, sign_in
 
     shots = Path(os.environ.get("AINODE_TEST_ARTIFACTS", "test-artifacts")) / "demo"
     shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        try:
-            page.goto(url + "/")
-            page.fill("input[name=username]", "admin")
-            page.fill("input[name=password]", password)
-            page.click("button[type=submit]")
-            rows = page.locator("a[href^='/studies/']")
-            expect(rows).to_have_count(4)
-            body = page.locator("body")
-            for answer in ("Covid_19", "Pneumonia", "Normal", "reported"):
-                expect(body).to_contain_text(answer)
-            page.screenshot(path=str(shots / "worklist.png"))
-            page.locator("a[href^='/studies/']", has_text="COVID").last.click()  # 40 slices
-            expect(page.locator("#result")).to_contain_text("Covid_19")
-            expect(body).to_contain_text("ainode-demo")  # the SR's destination
-            page.locator("#viewport").focus()
-            for _ in range(22):  # to the lower lungs, where the phantom's lesions are
-                page.keyboard.press("ArrowDown")
-            expect(page.locator("#slice-index")).to_contain_text("Slice 23 /")
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#slice-image');"
-                " return i.complete && i.naturalWidth > 0; }"
-            )
-            page.screenshot(path=str(shots / "study.png"))
-        finally:
-            browser.close()
-    assert errors == []
+    with chromium_page(width=1280, height=720) as page:
+        sign_in(page, url, "admin", password)
+        rows = page.locator("a[href^='/studies/']")
+        expect(rows).to_have_count(4)
+        body = page.locator("body")
+        for answer in ("Covid_19", "Pneumonia", "Normal", "reported"):
+            expect(body).to_contain_text(answer)
+        page.screenshot(path=str(shots / "worklist.png"))
+        page.locator("a[href^='/studies/']", has_text="COVID").last.click()  # 40 slices
+        expect(page.locator("#result")).to_contain_text("Covid_19")
+        expect(body).to_contain_text("ainode-demo")  # the SR's destination
+        page.locator("button.key-slice").first.click()
+        expect(page.locator("#heatmap-image")).to_be_visible()
+        page.wait_for_function(
+            "() => [document.querySelector('#slice-image'), "
+            "document.querySelector('#heatmap-image')].every(i => i.complete && i.naturalWidth)"
+        )
+        page.screenshot(path=str(shots / "study.png"))
 
 
 def sessions(settings):

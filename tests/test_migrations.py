@@ -5,10 +5,11 @@ models' schema is tests/test_ingest_db.py's drift test; this is about the data.)
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import MetaData, delete, func, insert, literal_column, select
+from sqlalchemy import JSON, MetaData, delete, func, insert, literal_column, select
 from sqlalchemy.exc import IntegrityError
 
 from node.records import lifecycle, schema
@@ -238,7 +239,10 @@ def _default(connection, column):
     if column.server_default is not None:
         clause = column.server_default.arg
         text = clause if isinstance(clause, str) else clause.text
-        return connection.scalar(select(literal_column(text, type_=column.type)))
+        value = connection.scalar(select(literal_column(text, type_=column.type)))
+        if isinstance(column.type, JSON) and isinstance(value, str):
+            return json.loads(value)  # a text literal: psycopg does not decode it as JSON
+        return value
     assert column.nullable, f"{column} was added NOT NULL without a server default"
     return None
 

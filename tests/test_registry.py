@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings(  # Keras 3.15 with NumPy 2, inside get_
 )
 
 DEMO = registry.BUILTIN_DIR
-DEMO_REF = "ainode-demo-phantom:0.3.0"
+DEMO_REF = "ainode-demo-phantom:0.4.0"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,7 +100,7 @@ def test_activate_moves_the_active_model_and_keeps_the_history(node):
     assert [tuple(row) for row in history] == [
         ("covid-ct", "1.0", "dr.test"),
         ("covid-ct", "2.0", "dr.house"),
-        ("ainode-demo-phantom", "0.3.0", "dr.test"),
+        ("ainode-demo-phantom", "0.4.0", "dr.test"),
     ]
 
 
@@ -108,7 +108,7 @@ def test_activate_moves_the_active_model_and_keeps_the_history(node):
     ("ref", "error", "message"),
     [
         ("covid-ct:9.9", LookupError, "no model covid-ct:9.9"),
-        ("other:1.0", LookupError, "known: covid-ct:1.0, ainode-demo-phantom:0.3.0"),
+        ("other:1.0", LookupError, "known: covid-ct:1.0, ainode-demo-phantom:0.4.0"),
         ("covid-ct", ValueError, "give the model as NAME:VERSION"),
         ("../x:1.0", ValueError, "model name must be"),
         ("a/b:1.0", ValueError, "model name must be"),

@@ -14,6 +14,7 @@ from PIL import Image
 from ainode.cli import main
 from node.analysis.result import CLASSES
 from node.settings import DEMO_MODEL_DIR
+from tests.config import format1
 from training import devices
 from training.augment import AugmentOptions, augment_image
 from training.fit import FitError, _start_state
@@ -197,7 +198,7 @@ def test_a_model_trained_in_mixed_precision_is_registered_in_float32(tmp_path):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert mixed.get_layer("efficientnetb0").dtype_policy.name == "mixed_float16"
-    demo = ModelInfo.from_json(DEMO_MODEL_DIR / "model.json")
+    demo = format1(ModelInfo.from_json(DEMO_MODEL_DIR / "model.json"))
     info = demo.replace(name="mixed", input_size=32, backbone="EfficientNetB0")
     bundle = ModelBundle.load(write_bundle(mixed, info, tmp_path / "bundle"))
     policies = {layer.dtype_policy.name for layer in bundle.model.layers}

@@ -5,6 +5,7 @@ script or style is refused). Screenshots go to test-artifacts/browser/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -68,6 +69,34 @@ def running_node(make_settings, tmp_path):
         log.close()
 
 
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 900):
+    """A page in headless Chromium; on leaving: no script failed on any page, and the
+    Content-Security-Policy refused nothing (Chromium reports each refusal on the console)."""
+    errors: list[str] = []
+    console: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: console.append(message.text))
+        try:
+            yield page
+        finally:
+            browser.close()
+    assert errors == []
+    assert [text for text in console if "Content Security Policy" in text] == []
+
+
+def sign_in(page, url: str, username: str, password: str = PASSWORD, go: bool = True) -> None:
+    """Sign in on the login page (``go``: open it first)."""
+    if go:
+        page.goto(url + "/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -87,66 +116,52 @@ def slice_png(files: list[Path], tmp_path: Path) -> Path:
 
 def test_a_radiologist_reviews_labels_exports_and_classifies_in_chromium(running_node, tmp_path):
     url, files, config = running_node
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        console: list[str] = []  # Chromium reports each CSP refusal here
-        page.on("console", lambda message: console.append(message.text))
-        try:
-            first_answer = page.goto(url + "/")
-            assert "frame-ancestors 'none'" in first_answer.headers["content-security-policy"]
-            expect(page).to_have_url(re.compile(r"/login"))
-            page.fill("input[name=username]", "dr.browser")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            expect(page.locator("body")).to_contain_text("Dr Browser")
-            expect(page.locator("body")).to_contain_text("Covid_19")  # the worker's answer
-            with page.expect_response(re.compile(r"/worklist\.json"), timeout=15_000) as poll:
-                pass  # the page refreshes statuses on its own, without a reload
-            assert poll.value.ok and poll.value.json()["rows"][0]["status"] == "analyzed"
-            shot(page, "1-worklist")
+    with chromium_page(width=1400, height=900) as page:
+        first_answer = page.goto(url + "/")
+        assert "frame-ancestors 'none'" in first_answer.headers["content-security-policy"]
+        expect(page).to_have_url(re.compile(r"/login"))
+        sign_in(page, url, "dr.browser", go=False)
+        expect(page.locator("body")).to_contain_text("Dr Browser")
+        expect(page.locator("body")).to_contain_text("Covid_19")  # the worker's answer
+        with page.expect_response(re.compile(r"/worklist\.json"), timeout=15_000) as poll:
+            pass  # the page refreshes statuses on its own, without a reload
+        assert poll.value.ok and poll.value.json()["rows"][0]["status"] == "analyzed"
+        shot(page, "1-worklist")
 
-            page.locator("a[href^='/studies/']").first.click()
-            expect(page.locator("#result")).to_contain_text("Covid_19")
-            expect(page.locator("#result")).to_contain_text("DEMO")
-            first = page.locator("#slice-image").get_attribute("src")
-            page.locator("#viewport").focus()
-            for _ in range(5):
-                page.keyboard.press("ArrowDown")
-            expect(page.locator("#slice-index")).to_contain_text("Slice 6 /")
-            page.locator("#viewport").hover()
-            page.mouse.wheel(0, 300)
-            expect(page.locator("#slice-image")).not_to_have_attribute("src", first)
-            shot(page, "2-study")
+        page.locator("a[href^='/studies/']").first.click()
+        expect(page.locator("#result")).to_contain_text("Covid_19")
+        expect(page.locator("#result")).to_contain_text("DEMO")
+        first = page.locator("#slice-image").get_attribute("src")
+        page.locator("#viewport").focus()
+        for _ in range(5):
+            page.keyboard.press("ArrowDown")
+        expect(page.locator("#slice-index")).to_contain_text("Slice 6 /")
+        page.locator("#viewport").hover()
+        page.mouse.wheel(0, 300)
+        expect(page.locator("#slice-image")).not_to_have_attribute("src", first)
+        shot(page, "2-study")
 
-            page.click("button[name=verdict][value=agree]")
-            expect(page.locator("body")).to_contain_text("dr.browser")
-            page.click("form.label-buttons button[value=COVID]")
-            expect(page.locator("#labels")).to_contain_text("COVID")
-            shot(page, "3-agreed-and-tagged")
+        page.click("button[name=verdict][value=agree]")
+        expect(page.locator("body")).to_contain_text("dr.browser")
+        page.click("form.label-buttons button[value=COVID]")
+        expect(page.locator("#labels")).to_contain_text("COVID")
+        shot(page, "3-agreed-and-tagged")
 
-            page.goto(url + "/exports")
-            page.click("#export-start")
-            expect(page.locator("#export-jobs")).to_contain_text("done", timeout=120_000)
-            expect(page.locator("#export-jobs a", has_text="Download")).to_be_visible()
-            shot(page, "4-export")
+        page.goto(url + "/exports")
+        page.click("#export-start")
+        expect(page.locator("#export-jobs")).to_contain_text("done", timeout=120_000)
+        expect(page.locator("#export-jobs a", has_text="Download")).to_be_visible()
+        shot(page, "4-export")
 
-            page.goto(url + "/upload")
-            upload = slice_png(files, tmp_path)
-            page.set_input_files("#upload-file", str(upload))
-            expect(page.locator("#upload-figure")).to_be_visible()
-            page.click("#upload-recognise")
-            expect(page.locator("#upload-answer")).to_be_visible(timeout=60_000)
-            expect(page.locator("#upload-model")).to_contain_text("ainode-demo-phantom")
-            shot(page, "5-upload")
-            expect(page.locator("#upload-class")).to_have_text(cli_class(config, upload))
-        finally:
-            browser.close()
-    assert errors == []  # no script failed on any page
-    refused = [text for text in console if "Content Security Policy" in text]
-    assert refused == []  # every script and style the pages use is allowed by the policy
+        page.goto(url + "/upload")
+        upload = slice_png(files, tmp_path)
+        page.set_input_files("#upload-file", str(upload))
+        expect(page.locator("#upload-figure")).to_be_visible()
+        page.click("#upload-recognise")
+        expect(page.locator("#upload-answer")).to_be_visible(timeout=60_000)
+        expect(page.locator("#upload-model")).to_contain_text("ainode-demo-phantom")
+        shot(page, "5-upload")
+        expect(page.locator("#upload-class")).to_have_text(cli_class(config, upload))
 
 
 def cli_class(config: Path, image: Path) -> str:
@@ -172,42 +187,28 @@ def test_an_admin_tests_edited_routing_rules_on_a_stored_study_in_chromium(runni
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        console: list[str] = []
-        page.on("console", lambda message: console.append(message.text))
-        try:
-            page.goto(url + "/login")
-            page.fill("input[name=username]", "dr.rules")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.goto(url + "/admin/routing")
-            study_rows = page.locator("#study-rules tbody tr")
-            blank = study_rows.last
-            blank.locator("input[aria-label=Name]").fill("Chest CT")
-            blank.locator("select[aria-label=Action]").select_option("analyze")
-            blank.locator("input[aria-label='Study description']").fill("TÓRAX simple")
-            blank.locator("button.move[data-move='-1']").click()  # above the default rule
-            expect(study_rows.first.locator("input[aria-label=Name]")).to_have_value("Chest CT")
-            page.locator("select[name=recent]").select_option(index=1)
-            page.click("#test-rules")
-            expect(page.locator("#tester-study-rule")).to_contain_text(
-                "Study rule Chest CT matches: the study is analysed"
-            )
-            expect(page.locator("#tester-series")).to_contain_text(series_uid)
-            expect(page.locator("#tester-series")).to_contain_text("Largest axial CT series")
-            shot(page, "6-routing-tester")
-            page.goto(url + "/admin/routing")  # nothing was saved
-            names = page.locator("#study-rules input[aria-label=Name]")
-            expect(names.first).to_have_value("Analyse every study")
-            expect(names).to_have_count(2)  # the default rule and the blank row
-        finally:
-            browser.close()
-    assert errors == []
-    assert [text for text in console if "Content Security Policy" in text] == []
+    with chromium_page(width=1600, height=900) as page:
+        sign_in(page, url, "dr.rules")
+        page.goto(url + "/admin/routing")
+        study_rows = page.locator("#study-rules tbody tr")
+        blank = study_rows.last
+        blank.locator("input[aria-label=Name]").fill("Chest CT")
+        blank.locator("select[aria-label=Action]").select_option("analyze")
+        blank.locator("input[aria-label='Study description']").fill("TÓRAX simple")
+        blank.locator("button.move[data-move='-1']").click()  # above the default rule
+        expect(study_rows.first.locator("input[aria-label=Name]")).to_have_value("Chest CT")
+        page.locator("select[name=recent]").select_option(index=1)
+        page.click("#test-rules")
+        expect(page.locator("#tester-study-rule")).to_contain_text(
+            "Study rule Chest CT matches: the study is analysed"
+        )
+        expect(page.locator("#tester-series")).to_contain_text(series_uid)
+        expect(page.locator("#tester-series")).to_contain_text("Largest axial CT series")
+        shot(page, "6-routing-tester")
+        page.goto(url + "/admin/routing")  # nothing was saved
+        names = page.locator("#study-rules input[aria-label=Name]")
+        expect(names.first).to_have_value("Analyse every study")
+        expect(names).to_have_count(2)  # the default rule and the blank row
 
 
 def test_a_radiologist_suspends_resumes_and_retries_a_failed_study_on_the_dashboard(
@@ -232,44 +233,77 @@ def test_a_radiologist_suspends_resumes_and_retries_a_failed_study_on_the_dashbo
     while not any(s["status"] == "failed" for s in studies(config)):
         assert time.monotonic() < deadline, studies(config)
         time.sleep(1)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        console: list[str] = []
-        page.on("console", lambda message: console.append(message.text))
-        try:
-            page.goto(url + "/login")
-            page.fill("input[name=username]", "dr.browser")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.click("nav a:has-text('Queue')")
-            expect(page.locator("#count-analyzed")).to_have_text("1")
-            expect(page.locator("#count-failed")).to_have_text("1")
-            failed = page.locator("#failed tbody tr").first
-            expect(failed).to_contain_text("no axial CT image to analyse")
-            expect(page.locator("button", has_text="Discard")).to_have_count(0)  # admins only
-            shot(page, "7-dashboard")
+    with chromium_page(width=1400, height=900) as page:
+        sign_in(page, url, "dr.browser")
+        page.click("nav a:has-text('Queue')")
+        expect(page.locator("#count-analyzed")).to_have_text("1")
+        expect(page.locator("#count-failed")).to_have_text("1")
+        failed = page.locator("#failed tbody tr").first
+        expect(failed).to_contain_text("no axial CT image to analyse")
+        expect(page.locator("button", has_text="Discard")).to_have_count(0)  # admins only
+        shot(page, "7-dashboard")
 
-            failed.locator("button", has_text="Suspend").click()
-            expect(page.locator("p[role=alert]")).to_contain_text("is suspended (it was failed)")
-            expect(page.locator("#count-suspended")).to_have_text("1")
-            page.locator("#suspended tbody tr").first.locator("button", has_text="Resume").click()
-            expect(page.locator("p[role=alert]")).to_contain_text("is resumed: failed")
-            page.locator("#failed tbody tr").first.locator("button", has_text="Retry").click()
-            expect(page.locator("p[role=alert]")).to_contain_text("is queued for analysis again")
-            # the worker tries again and fails again: the counts follow without a reload
-            with page.expect_response(re.compile(r"/dashboard\.json"), timeout=15_000) as poll:
-                pass
-            assert poll.value.ok
-            for status in ("queued", "analyzing"):
-                expect(page.locator(f"#count-{status}")).to_have_text("0", timeout=60_000)
-            expect(page.locator("#count-failed")).to_have_text("1")
-            page.reload()
-            expect(page.locator("#failed tbody tr").first.locator("td.num")).to_have_text("2")
-            shot(page, "8-dashboard-retried")
-        finally:
-            browser.close()
-    assert errors == []
-    assert [text for text in console if "Content Security Policy" in text] == []
+        failed.locator("button", has_text="Suspend").click()
+        expect(page.locator("p[role=alert]")).to_contain_text("is suspended (it was failed)")
+        expect(page.locator("#count-suspended")).to_have_text("1")
+        page.locator("#suspended tbody tr").first.locator("button", has_text="Resume").click()
+        expect(page.locator("p[role=alert]")).to_contain_text("is resumed: failed")
+        page.locator("#failed tbody tr").first.locator("button", has_text="Retry").click()
+        expect(page.locator("p[role=alert]")).to_contain_text("is queued for analysis again")
+        # the worker tries again and fails again: the counts follow without a reload
+        with page.expect_response(re.compile(r"/dashboard\.json"), timeout=15_000) as poll:
+            pass
+        assert poll.value.ok
+        for status in ("queued", "analyzing"):
+            expect(page.locator(f"#count-{status}")).to_have_text("0", timeout=60_000)
+        expect(page.locator("#count-failed")).to_have_text("1")
+        page.reload()
+        expect(page.locator("#failed tbody tr").first.locator("td.num")).to_have_text("2")
+        shot(page, "8-dashboard-retried")
+
+
+def test_the_heatmap_overlay_of_key_slices_is_toggled_and_faded_in_chromium(running_node, tmp_path):
+    """Issue 16: the study page marks the key slices; jumping to one shows its Grad-CAM map
+    (served by the heatmap route) over the slice; the opacity slider fades it, the toggle hides
+    it; the upload page lays the worker's map over an uploaded slice; no script error, no CSP
+    refusal."""
+    url, files, _config = running_node
+    with chromium_page(width=1400, height=900) as page:
+        sign_in(page, url, "dr.browser")
+        page.locator("a[href^='/studies/']").first.click()
+        keys = page.locator("button.key-slice")
+        expect(keys).to_have_count(3)
+        with page.expect_response(re.compile(r"/heatmaps/\d+\.png")) as served:
+            keys.first.click()
+        assert served.value.ok and served.value.headers["content-type"] == "image/png"
+        overlay = page.locator("#heatmap-image")
+        expect(overlay).to_be_visible()
+        expect(keys.first).to_have_class(re.compile(r"\bcurrent\b"))
+        n = int(keys.first.get_attribute("data-n"))
+        expect(page.locator("#slice-index")).to_contain_text(f"Slice {n + 1} /")
+        page.wait_for_function("document.getElementById('heatmap-image').naturalWidth > 0")
+        assert overlay.evaluate("e => getComputedStyle(e).opacity") == "0.5"
+        page.locator("#heatmap-opacity").fill("80")
+        assert overlay.evaluate("e => getComputedStyle(e).opacity") == "0.8"
+        shot(page, "6-heatmap")
+        page.uncheck("#heatmap-toggle")
+        expect(overlay).to_be_hidden()
+        page.check("#heatmap-toggle")
+        expect(overlay).to_be_visible()
+        page.locator("#viewport").focus()
+        page.keyboard.press("Home")  # a slice that is not a key slice has no map
+        if n != 0 and 0 not in [int(k.get_attribute("data-n")) for k in keys.all()]:
+            expect(overlay).to_be_hidden()
+            expect(page.locator("#heatmap-note")).to_contain_text("only key slices")
+
+        page.goto(url + "/upload")
+        page.set_input_files("#upload-file", str(slice_png(files, tmp_path)))
+        page.click("#upload-recognise")
+        expect(page.locator("#upload-answer")).to_be_visible(timeout=60_000)
+        expect(page.locator("#upload-heatmap")).to_be_visible()
+        page.locator("#upload-heatmap-opacity").fill("30")
+        upload_overlay = page.locator("#upload-heatmap")
+        assert upload_overlay.evaluate("e => getComputedStyle(e).opacity") == "0.3"
+        page.uncheck("#upload-heatmap-toggle")
+        expect(upload_overlay).to_be_hidden()
+        shot(page, "7-upload-heatmap")

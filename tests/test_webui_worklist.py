@@ -246,6 +246,7 @@ def test_json_rows_carry_status_class_probability_labels_but_no_patient(client, 
         "probability": pytest.approx(0.97),
         "model": "effnet:1.2",
         "labels": ["COVID", "teaching"],
+        "outside_experience": False,  # the refresh keeps the row's mark (issue 16)
     }
     assert rows[ward["pneumonia"]]["model"] == "effnet:1.2 DEMO"
     assert rows[ward["failed"]]["labels"] == ["covid"]  # series labels count too

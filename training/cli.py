@@ -30,6 +30,12 @@ def register(sub) -> dict:
     evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best")
     evaluate.add_argument("--rule", choices=["top-mean", "mean"], default="top-mean")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="COVID-19 sensitivity the operating point is chosen for, on the validation split",
+    )
     reg = steps.add_parser("register", help="write the model bundle into the node's registry")
     reg.add_argument("run", type=Path)
     reg.add_argument("--name", required=True)
@@ -217,7 +223,14 @@ def _evaluate(settings, args: argparse.Namespace) -> int:
     from training.scoring import evaluate_run
 
     with tqdm(unit="img", disable=False, desc="evaluate") as bar:
-        result, files = evaluate_run(args.run, args.checkpoint, args.rule, args.split, bar.update)
+        result, files = evaluate_run(
+            args.run,
+            args.checkpoint,
+            args.rule,
+            args.split,
+            bar.update,
+            target_sensitivity=args.target_sensitivity,
+        )
     slice_, study = result["slice"], result["study"]
     print(
         f"{args.split}: slice accuracy {slice_['accuracy']:.3f} ({slice_['n']} slices), "

@@ -196,6 +196,63 @@ def evaluate_predictions(
     }
 
 
+# ---------------------------------------------------------------- calibration
+
+CALIBRATION_BINS = 15
+
+
+def reliability_bins(y_true, probs, bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Top-label reliability: for each of ``bins`` equal-width confidence bins that holds
+    predictions, their count, mean confidence and accuracy (Guo et al. 2017)."""
+    labels, scores = _check_inputs(y_true, probs, [str(i) for i in range(np.shape(probs)[1])])
+    confidence = scores.max(axis=1)
+    correct = scores.argmax(axis=1) == labels
+    # bin i holds (i/bins, (i+1)/bins]; a confidence of 0 falls in the first
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    found = []
+    for i in range(bins):
+        chosen = index == i
+        if chosen.any():
+            found.append(
+                {
+                    "low": i / bins,
+                    "high": (i + 1) / bins,
+                    "count": int(chosen.sum()),
+                    "confidence": float(confidence[chosen].mean()),
+                    "accuracy": float(correct[chosen].mean()),
+                }
+            )
+    return found
+
+
+def expected_calibration_error(y_true, probs, bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the count-weighted mean gap between confidence and accuracy over the bins."""
+    found = reliability_bins(y_true, probs, bins)
+    total = sum(b["count"] for b in found)
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in found) / total)
+
+
+def reliability_figure(curves: dict[str, list[dict]], title: str) -> Figure:
+    """Accuracy against confidence per bin for each labelled curve (``reliability_bins``),
+    the diagonal being perfect calibration; bin counts below."""
+    figure = Figure(figsize=(5.5, 6.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes, counts = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    width = 1.0 / CALIBRATION_BINS / (len(curves) + 1)
+    for position, (label, found) in enumerate(curves.items()):
+        confidence = [b["confidence"] for b in found]
+        axes.plot(confidence, [b["accuracy"] for b in found], marker="o", label=label)
+        centres = np.array([b["low"] for b in found]) + width * (position + 0.5)
+        counts.bar(centres, [b["count"] for b in found], width=width, label=label)
+    axes.set(ylabel="accuracy (fraction correct)", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    counts.set(xlabel="confidence (probability of the predicted class)", ylabel="count")
+    counts.set_yscale("symlog")
+    return figure
+
+
 # ---------------------------------------------------------------- report writers
 
 
@@ -246,7 +303,70 @@ def report_markdown(result: dict, title: str = "Evaluation") -> str:
     ]
     lines += _markdown_level(result["slice"], "Slice level")
     lines += _markdown_level(result["study"], f"Study level ({result['rule']})")
+    calibration = (result.get("trust_report") or {}).get("calibration")
+    if calibration:
+        lines += _markdown_calibration(calibration)
     return "\n".join(lines)
+
+
+def _markdown_calibration(report: dict) -> list[str]:
+    """Markdown of the calibration and operating-point report (training.calibration)."""
+    lines = ["## Calibration (temperature scaling, fitted on the validation split)", ""]
+    if report.get("not_fitted"):
+        return lines + [f"Not fitted: {report['not_fitted']}", ""]
+    lines += [
+        "Expected calibration error (ECE, 15 bins; lower is better) before → after:",
+        "",
+        "| level | temperature | validation ECE | test ECE | test n |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for level in ("slice", "study"):
+        part = report.get(level)
+        if not part:
+            continue
+        val, test = part["validation"], part.get("test") or {}
+        cells = [
+            f"{part['temperature']:.3f}",
+            f"{_number(val['ece_before'])} → {_number(val['ece_after'])}",
+            f"{_number(test.get('ece_before'))} → {_number(test.get('ece_after'))}",
+            str(test.get("n", "")),
+        ]
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    lines += ["", "Reliability diagrams: " + ", ".join(report.get("figures", [])), ""]
+    point = report.get("operating_point")
+    if point:
+        val, test = point["validation"], point["test"]
+        lines += [
+            f"### Operating point ({point['class']}, {point['rule']} studies)",
+            "",
+            f"- Threshold on the calibrated study probability: {point['threshold']:.4f}, chosen "
+            f"on {val['studies']} validation studies for a sensitivity of at least "
+            f"{point['target_sensitivity']:.2f}",
+            f"- Validation: sensitivity {_number(val['sensitivity'])}, specificity "
+            f"{_number(val['specificity'])}",
+            f"- Test ({test['studies']} studies): sensitivity {_number(test['sensitivity'])} "
+            f"({test['true_positives']}/{test['positives']}), specificity "
+            f"{_number(test['specificity'])} ({test['true_negatives']}/{test['negatives']}), "
+            f"PPV {_number(test['ppv'])} ({test['true_positives']}/"
+            f"{test['true_positives'] + test['false_positives']})",
+            "",
+        ]
+    elif report.get("operating_point_not_fitted"):
+        lines += [f"Operating point not fitted: {report['operating_point_not_fitted']}", ""]
+    served = report.get("served_test")
+    if served:
+        lines += [
+            "### Test studies as the node answers them (calibrated, operating point)",
+            "",
+            f"- Accuracy: {_number(served['accuracy'])} of {served['n']} studies",
+            "",
+            "| true \\ answered | " + " | ".join(served["classes"]) + " |",
+            "|---|" + "---:|" * len(served["classes"]),
+        ]
+        for name, counts in zip(served["classes"], served["confusion_matrix"], strict=True):
+            lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+        lines.append("")
+    return lines
 
 
 def _confusion_figure(metrics: dict, title: str) -> Figure:
@@ -313,7 +433,7 @@ def _history_figure(history: dict[str, np.ndarray], source: str) -> Figure:
     return figure
 
 
-def _save_figure(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
     """Write a figure as PNG atomically."""
     atomic.write_with(path, lambda tmp: figure.savefig(tmp, format="png"))
     return path
@@ -343,10 +463,10 @@ def write_report(
     paths = [
         _write_text(folder / "evaluation.json", text),
         _write_text(folder / "evaluation.md", report_markdown(result, title)),
-        _save_figure(
+        save_figure(
             _confusion_figure(result["slice"], "Slice level"), folder / "confusion_matrix.png"
         ),
-        _save_figure(
+        save_figure(
             _confusion_figure(result["study"], f"Study level ({result['rule']})"),
             folder / "confusion_matrix_study.png",
         ),
@@ -354,5 +474,5 @@ def write_report(
     if history_csv is not None:
         history = read_history(history_csv)
         figure = _history_figure(history, os.fspath(history_csv))
-        paths.append(_save_figure(figure, folder / "history.png"))
+        paths.append(save_figure(figure, folder / "history.png"))
     return paths

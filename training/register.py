@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 from node.analysis import imaging
-from node.analysis.bundle import ModelInfo, write_bundle
+from node.analysis.bundle import BUNDLE_FORMAT, ModelInfo, write_bundle
 from node.analysis.result import CLASSES
 from training.fit import FIT_DIR, OPTIONS_FILE, SUMMARY_FILE
-from training.scoring import checkpoint_path, read_evaluation
+from training.scoring import EVALUATION_DIR, checkpoint_path, read_evaluation
 from training.shards import PreparedRun
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -94,6 +94,9 @@ def register_run(
             f"{model_file.name}; evaluate that checkpoint first"
         )
     window = run_window(run)
+    # what makes answers checkable (fitted at evaluate): a bundle with any of it is format 2
+    trust = {key: evaluation.get(key) or {} for key in ("calibration", "operating_point", "ood")}
+    trust["format_version"] = BUNDLE_FORMAT if any(trust.values()) else 1
     weights = (
         "random initialisation" if options["weights"] is None else Path(options["weights"]).name
     )
@@ -113,8 +116,10 @@ def register_run(
         demo=demo,
         description=description or f"{options['backbone']} from {weights}, run {run.folder.name}",
         weights=fit_summary.get("weights", {}),
+        **trust,
     )
+    extra = [run.folder / EVALUATION_DIR / name for name in evaluation.get("bundle_files", [])]
     model = keras.models.load_model(model_file, compile=False)
     if out is not None:
-        return write_bundle(model, info, out, overwrite=True)
-    return write_bundle(model, info, Path(models_dir) / name / version)
+        return write_bundle(model, info, out, overwrite=True, extra_files=extra)
+    return write_bundle(model, info, Path(models_dir) / name / version, extra_files=extra)

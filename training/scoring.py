@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from node.analysis.result import CLASSES
+from training.calibration import fit_on_validation
 from training.evaluate import evaluate_predictions, write_report
 from training.fit import BEST_MODEL, FIT_DIR, HISTORY_FILE, LAST_MODEL
+from training.ood import fit_ood
 from training.shards import PreparedRun
 
 EVALUATION_DIR = "evaluation"
@@ -51,9 +53,16 @@ def evaluate_run(
     rule: str = "top-mean",
     split: str = "test",
     progress=None,
+    target_sensitivity: float = 0.95,
 ) -> tuple[dict, list[Path]]:
     """Evaluate the fitted model on ``split`` at slice and study level; write the report into
-    ``RUN/evaluation`` and return the result and the files written."""
+    ``RUN/evaluation`` and return the result and the files written.
+
+    On the test split it also fits, on the validation split (and the training images for the
+    out-of-distribution statistics), what makes the node's answers checkable: calibration,
+    the COVID-19 operating point for ``target_sensitivity``, OOD statistics
+    (:mod:`training.calibration`, :mod:`training.ood`); ``register`` puts them in the bundle.
+    """
     import keras
 
     run = PreparedRun.open(folder)
@@ -73,6 +82,23 @@ def evaluate_run(
     )
     out = run.folder / EVALUATION_DIR
     out.mkdir(exist_ok=True)
+    fitted: list[Path] = []
+    if split == "test":
+        calibration, operating_point, calibration_report, files = fit_on_validation(
+            model, run, rule, target_sensitivity, out, progress, test=(probs, labels, rows)
+        )
+        ood, ood_report, ood_files = fit_ood(model, run, out, progress)
+        result.update(
+            {
+                "calibration": calibration,
+                "operating_point": operating_point,
+                "ood": ood,
+                "trust_report": {"calibration": calibration_report, "ood": ood_report},
+                # files of out/ that register puts in the bundle beside model.json
+                "bundle_files": [path.name for path in ood_files],
+            }
+        )
+        fitted = files + ood_files
     history = run.folder / FIT_DIR / HISTORY_FILE
     files = write_report(
         result,
@@ -80,7 +106,7 @@ def evaluate_run(
         history_csv=history if history.exists() else None,
         title=f"Evaluation of {run.folder.name} ({split} split)",
     )
-    return result, files
+    return result, files + fitted
 
 
 def read_evaluation(folder: str | os.PathLike) -> dict:

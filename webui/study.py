@@ -18,6 +18,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
+from node.analysis import calibration
 from node.analysis.imaging import ImageTooLarge, ImagingError
 from node.analysis.result import CLASSES, ModelIdentity
 from node.records.db import Analysis, ReportKind, Verdict, utcnow
@@ -60,7 +61,12 @@ def _formatting() -> dict:
             return f"{value[:4]}-{value[4:6]}-{value[6:]}"
         return value or "—"
 
-    return {"utc_time": utc_time, "dicom_date": dicom_date, "report_kinds": REPORT_KINDS}
+    return {
+        "utc_time": utc_time,
+        "dicom_date": dicom_date,
+        "report_kinds": REPORT_KINDS,
+        "describe_decision": calibration.describe,  # how the class was decided, in words
+    }
 
 
 # --------------------------------------------------------------------------- pages
@@ -74,6 +80,7 @@ def view(study_id: int):
     result = latest_analysis(db, study_id, done=True)
     attempt = latest_analysis(db, study_id)
     slices = viewer.slice_list(node(), db, study, result, _slice_cache())
+    key_maps = viewer.key_slice_maps(slices, result)
     settings = node().settings
     page = render_template(
         "study.html",
@@ -85,6 +92,7 @@ def view(study_id: int):
         report=latest_report(db, result),
         reports=chain.report_chain(db, study_id),
         destination=settings.report_destination,
+        hold_outside_experience=settings.report_hold_outside_experience,
         verdicts=db.scalars(
             select(Verdict)
             .where(Verdict.study_id == study_id)
@@ -99,6 +107,17 @@ def view(study_id: int):
             "version": slices.version,
             "strip": viewer.strip_values(slices, result),
             "strip_classes": list(viewer.STRIP_CLASSES),
+            "key_slices": [
+                {
+                    "n": n,
+                    "rank": key["rank"],
+                    "class": key.get("class"),
+                    "evidence": key.get("evidence"),
+                    "heatmap": key["heatmap"] is not None,
+                }
+                for n, key in sorted(key_maps.items(), key=lambda item: item[1]["rank"])
+            ],
+            "heatmap_url": url_for("study.heatmap_png", study_id=study_id, n=0).rsplit("/", 1)[0],
         },
     )
     audit.record(db, current_user.username, "study_view", study_id)
@@ -158,6 +177,28 @@ def slice_png(study_id: int, n: int):
     response.headers["Cache-Control"] = (
         f"private, max-age={SLICE_MAX_AGE}" if current else "private, no-cache"
     )
+    return response
+
+
+@bp.route("/studies/<int:study_id>/heatmaps/<int:n>.png")
+@login_required
+def heatmap_png(study_id: int, n: int):
+    """The Grad-CAM overlay of displayed slice ``n`` (a key slice of the latest result)."""
+    db = session()
+    study = find_study(db, study_id)
+    result = latest_analysis(db, study_id, done=True)
+    slices = viewer.slice_list(node(), db, study, result, _slice_cache())
+    key = viewer.key_slice_maps(slices, result).get(n)
+    if key is None or key["heatmap"] is None:
+        abort(404, f"Slice {n} of study {study_id} has no heatmap (only key slices have one).")
+    _audit_slice_read(db, study_id)
+    try:
+        png = viewer.render_heatmap(key["heatmap"])
+    except ValueError as exc:
+        log.warning("study %d heatmap %d cannot be shown: %s", study_id, n, exc)
+        abort(500, f"The heatmap of slice {n} of study {study_id} cannot be shown: {exc}")
+    response = Response(png, mimetype="image/png")
+    response.headers["Cache-Control"] = "private, no-cache"
     return response
 
 

@@ -23,6 +23,7 @@ from flask_wtf.csrf import CSRFError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from node.analysis import gradcam
 from node.analysis.analyze import AnalysisOptions
 from node.analysis.bundle import INFO_FILE, BundleError, ModelInfo
 from node.analysis.classify import ClassifyError, read_input
@@ -127,10 +128,34 @@ def job(job_id: int):
         abort(404, f"Upload {job_id} doesn't exist.")  # another user's upload is not shown
     body = {"id": found.id, "file": found.file_name, "kind": found.kind, "status": found.status}
     if found.status == UploadStatus.DONE:
-        body.update(kept=found.kept, **found.answer)
+        answer = dict(found.answer)
+        heatmap = answer.pop("heatmap", None)
+        body.update(kept=found.kept, **answer)
+        body["heatmap_url"] = url_for("upload.heatmap", job_id=job_id) if heatmap else None
     elif found.status == UploadStatus.FAILED:
         body["error"] = found.error
     return jsonify(body)
+
+
+@bp.route("/upload/jobs/<int:job_id>/heatmap.png")
+@login_required
+def heatmap(job_id: int):
+    """The Grad-CAM overlay of a one-slice upload's answer (PNG, transparent where the model
+    found no evidence), for the page to lay over the image."""
+    found = session().get(UploadJob, job_id)
+    if found is None or found.requested_by != current_user.username:
+        abort(404, f"Upload {job_id} doesn't exist.")
+    stored = (found.answer or {}).get("heatmap") if found.status == UploadStatus.DONE else None
+    if not stored:
+        abort(404, f"Upload {job_id} has no heatmap.")
+    try:
+        png = gradcam.png_bytes(gradcam.overlay_rgba(gradcam.decode(stored)))
+    except ValueError as exc:
+        abort(500, f"The heatmap of upload {job_id} cannot be shown: {exc}")
+    answer = make_response(png)
+    answer.headers["Content-Type"] = "image/png"
+    answer.headers["Cache-Control"] = "private, no-store"
+    return answer
 
 
 def _uploaded() -> tuple[bytes, str]:

@@ -19,7 +19,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.analysis import imaging
+from node.analysis import gradcam, imaging
 from node.analysis.analyze import AnalysisError, AnalysisOptions, eligible_series
 from node.records import routing
 from node.records.db import Analysis, Instance, Series, Study
@@ -30,6 +30,7 @@ HU_LIMIT = 32768.0  # beyond any stored CT value (16-bit signed)
 WINDOW_CHOICES = ("lung", "mediastinum", "custom")
 STRIP_CLASSES = ("Covid_19", "Pneumonia")
 CACHED_STUDIES = 16
+HEATMAP_SIZE = 256  # the overlay's pixels; the page stretches it over the slice
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,28 @@ def strip_values(slices: SliceList, analysis: Analysis | None) -> list[list[floa
             else [round(float(probabilities.get(name, 0.0)), 4) for name in STRIP_CLASSES]
         )
     return values
+
+
+def key_slice_maps(slices: SliceList, analysis: Analysis | None) -> dict[int, dict]:
+    """Per displayed slice index, the result's key slice there: ``rank`` (1 = the strongest
+    evidence), ``class``, ``evidence`` and its stored Grad-CAM ``heatmap`` (None without)."""
+    if analysis is None:
+        return {}
+    stored = (analysis.assessment or {}).get("key_slices") or []
+    by_position = {row.position: (row.sop_instance_uid, row.frame) for row in analysis.slices}
+    shown = {item.prediction_key: n for n, item in enumerate(slices.slices)}
+    found: dict[int, dict] = {}
+    for rank, key in enumerate(stored, start=1):
+        n = shown.get(by_position.get(key.get("position")))
+        if n is not None and n not in found:
+            found[n] = {**key, "rank": rank, "heatmap": key.get("heatmap")}
+    return found
+
+
+def render_heatmap(stored: Mapping, size: int = HEATMAP_SIZE) -> bytes:
+    """A stored Grad-CAM map as a colour PNG overlay (transparent where there is no
+    evidence); ``ValueError`` when the stored map is damaged."""
+    return gradcam.png_bytes(gradcam.overlay_rgba(gradcam.decode(stored), (size, size)))
 
 
 def window_from_args(args: Mapping[str, str]) -> imaging.Window:

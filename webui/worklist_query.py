@@ -167,6 +167,7 @@ class WorklistRow:
     model_version: str | None
     model_demo: bool
     labels: tuple[str, ...]
+    outside_experience: bool = False  # the model said the study is unlike its training data
 
     def as_json(self) -> dict:
         """The fields the page refreshes (no patient data: the page already has it)."""
@@ -176,6 +177,7 @@ class WorklistRow:
         shown["class"] = shown.pop("predicted_class")
         shown["model"] = self.model_label
         shown["labels"] = list(self.labels)
+        shown["outside_experience"] = self.outside_experience
         return shown
 
     @property
@@ -361,4 +363,5 @@ def _row(study: Study, analysis: Analysis | None, keywords: str | None) -> Workl
         model_version=analysis.model_version if analysis else None,
         model_demo=bool(analysis and analysis.model_demo),
         labels=tuple(labels),
+        outside_experience=bool(analysis and analysis.outside_experience),
     )

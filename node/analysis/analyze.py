@@ -16,8 +16,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.analysis import imaging
-from node.analysis.result import SliceResult, StudyResult, aggregate
+from node.analysis import calibration, evidence, imaging, ood
+from node.analysis.result import SliceResult, StudyResult
 
 if TYPE_CHECKING:
     from node.analysis.bundle import ModelBundle
@@ -196,10 +196,15 @@ def analyze_instances(
     clock.lap("load")
     frames, pixels = windowed_lung_slices(datasets, options, skipped)
     clock.lap("preprocess")
-    probabilities = bundle.predict(pixels, batch_size=options.batch_size)
+    raw, features = bundle.predict_with_features(pixels, batch_size=options.batch_size)
     clock.lap("inference")
-    classes = bundle.info.classes
-    predicted, study_probabilities = aggregate(probabilities, classes, options.rule)
+    info, classes = bundle.info, bundle.info.classes
+    probabilities = calibration.calibrate_slices(raw, info)
+    predicted, study_probabilities, uncalibrated, decision = calibration.study_answer(
+        probabilities, classes, options.rule, info
+    )
+    outside = ood.assess(bundle, features, datasets, pixels)
+    clock.lap("aggregate")
     slices = tuple(
         SliceResult(
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -216,9 +221,12 @@ def analyze_instances(
         predicted_class=predicted,
         rule=options.rule,
         slices=slices,
-        model=bundle.info.identity(),
+        model=info.identity(),
+        raw_probabilities=uncalibrated,
+        decision=decision,
+        ood=outside,
+        key_slices=evidence.key_slices(probabilities, classes, predicted),
     )
-    clock.lap("aggregate")
     evaluated: dict[str, Dataset] = {}
     for ds, _frame in frames:
         evaluated.setdefault(str(ds.SOPInstanceUID), ds)

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +33,7 @@ from pydantic import (
 )
 
 from node import atomic
+from node.analysis import ood
 from node.analysis.result import CLASSES, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,15 @@ PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
 RUNTIMES = ("auto", "keras", "onnx")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
+# model.json's format: 1 (no field) = class, probabilities, model identity; 2 adds what makes
+# an answer checkable — calibration, operating point, out-of-distribution statistics. A bundle
+# of format 1 is still served: uncalibrated, the most probable class, no OOD warning.
+BUNDLE_FORMAT = 2
 _ONNX_SOURCE_KEY = "ainode.source_sha256"  # metadata: which model.keras the ONNX file came from
+# metadata: what the export gives; "2" = [probabilities, penultimate features]. A model.onnx
+# cached by an older export (probabilities only) lacks it and is exported again.
+_ONNX_EXPORT_KEY, _ONNX_EXPORT = "ainode.export", "2"
+_KERAS_LOCK = threading.Lock()  # one on-demand Keras model per bundle, however many threads ask
 
 
 class BundleError(ValueError):
@@ -128,6 +139,13 @@ class ModelInfo(BaseModel):
     demo: bool = Field(default=False, description="true or false")
     description: str = Field(default="", description="a string")
     weights: _JsonObject = Field(default_factory=dict)  # origin and SHA-256 of the start
+    format_version: int = Field(
+        default=1, ge=1, le=BUNDLE_FORMAT, description=f"an integer in 1..{BUNDLE_FORMAT}"
+    )
+    # format 2 (each validated by the module that applies it; empty: not fitted)
+    calibration: _JsonObject = Field(default_factory=dict)  # node.analysis.calibration
+    operating_point: _JsonObject = Field(default_factory=dict)  # node.analysis.calibration
+    ood: _JsonObject = Field(default_factory=dict)  # node.analysis.ood
 
     def __init__(self, /, **fields: Any) -> None:
         try:
@@ -199,12 +217,20 @@ def _auto_runtime(gpu: bool) -> str:
 class ModelBundle:
     """A loaded model bundle: its :class:`ModelInfo` and batched inference."""
 
-    def __init__(self, info: ModelInfo, runner: _KerasRunner | _OnnxRunner, folder: Path) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        runner: _KerasRunner | _OnnxRunner,
+        folder: Path,
+        ood_statistics: ood.OodStatistics | None = None,
+    ) -> None:
         if not isinstance(info, ModelInfo):
             raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
         self.info = info
         self.folder = Path(folder)
         self._runner = runner
+        # the out-of-distribution statistics model.json names (None: the bundle cannot warn)
+        self.ood_statistics = ood_statistics
 
     @property
     def runtime(self) -> str:
@@ -217,6 +243,26 @@ class ModelBundle:
         if not isinstance(self._runner, _KerasRunner):
             raise AttributeError("an onnx-runtime bundle has no Keras model")
         return self._runner.model
+
+    def keras_model(self):
+        """The bundle's Keras model: the one served, or where ONNX Runtime serves, ``model.keras``
+        loaded on the first call and kept (Grad-CAM needs TensorFlow's gradients)."""
+        if isinstance(self._runner, _KerasRunner):
+            return self._runner.model
+        with _KERAS_LOCK:
+            if getattr(self, "_keras", None) is None:
+                self._keras = _load_keras(self.folder / MODEL_FILE, self.info)
+            return self._keras
+
+    def gradcam(self):
+        """The :class:`node.analysis.gradcam.GradCam` of :meth:`keras_model` (built once)."""
+        from node.analysis.gradcam import GradCam
+
+        model = self.keras_model()
+        with _KERAS_LOCK:
+            if getattr(self, "_gradcam", None) is None:
+                self._gradcam = GradCam(model)
+            return self._gradcam
 
     @classmethod
     def load(
@@ -243,9 +289,16 @@ class ModelBundle:
         if not folder.is_dir():
             raise BundleError(f"{folder}: no such model bundle folder")
         info = ModelInfo.from_json(folder / INFO_FILE)
+        from node.analysis import calibration  # it builds on this module
+
+        calibration.check(info)  # a bad calibration is refused now, not at the first answer
         model_file = folder / MODEL_FILE
         if not model_file.is_file():
             raise BundleError(f"{model_file}: missing (the bundle has no model)")
+        try:
+            statistics = ood.read_statistics(folder, info.ood)
+        except (ood.OodError, OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"{folder / INFO_FILE}: ood: {exc}") from exc
         gpu = _gpu_visible() if mixed_precision or runtime == "auto" else False
         if mixed_precision and not gpu:
             log.warning("mixed_precision asked for but no GPU is visible: running in float32")
@@ -255,12 +308,32 @@ class ModelBundle:
             if mixed_precision:
                 log.warning("mixed_precision applies to the keras runtime only: ignored")
             try:
-                return cls(info, _OnnxRunner(_onnx_model(model_file, info)), folder)
+                return cls(info, _OnnxRunner(_onnx_model(model_file, info)), folder, statistics)
             except Exception as exc:  # auto falls back; an explicit onnx says why it cannot
                 if runtime != "auto":
                     raise
                 log.warning("ONNX Runtime cannot serve this bundle, using Keras: %s", exc)
-        return cls(info, _KerasRunner(_load_keras(model_file, info), mixed_precision), folder)
+        runner = _KerasRunner(_load_keras(model_file, info), mixed_precision)
+        return cls(info, runner, folder, statistics)
+
+    def predict_with_features(
+        self, slices: np.ndarray, batch_size: int = 16
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities (as :meth:`predict`) and the penultimate-layer features the
+        out-of-distribution score is computed on, float32 ``(N, features)``, from the same
+        forward pass (both runtimes give them)."""
+        batch = _check_slices(slices)
+        _check_batch_size(batch_size)
+        outputs = [
+            self._runner(batch[start : start + batch_size])
+            for start in range(0, len(batch), batch_size)
+        ]
+        if not outputs:
+            classes = len(self.info.classes)
+            return np.zeros((0, classes), np.float32), None
+        probabilities = np.concatenate([p for p, _ in outputs]).astype(np.float32, copy=False)
+        features = np.concatenate([f for _, f in outputs]).astype(np.float32, copy=False)
+        return probabilities, features
 
     def predict(self, slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """Class probabilities of windowed slices.
@@ -278,15 +351,28 @@ class ModelBundle:
             float32 ``(N, classes)``, rows in ``info.classes`` order.
         """
         batch = _check_slices(slices)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check_batch_size(batch_size)
         outputs = [
-            self._runner(batch[start : start + batch_size])
+            self._runner(batch[start : start + batch_size])[0]
             for start in range(0, len(batch), batch_size)
         ]
         if not outputs:
             return np.zeros((0, len(self.info.classes)), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def _check_batch_size(batch_size: object) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def feature_model(model):
+    """``model`` with two outputs: its probabilities and the penultimate-layer features (the
+    input of the classification layer), computed in one forward pass."""
+    import keras
+
+    head = model.outputs[0]._keras_history.operation
+    return keras.Model(model.inputs, [model.outputs[0], head.input], name=f"{model.name}_features")
 
 
 def _check_slices(slices: object) -> np.ndarray:
@@ -310,11 +396,13 @@ class _KerasRunner:
         import tensorflow as tf
 
         self.model = _mixed_precision_copy(model) if mixed_precision else model
+        both = feature_model(self.model)
         spec = tf.TensorSpec((None, None, None, 1), tf.uint8, name="slices")
-        self._serve = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        self._serve = tf.function(lambda x: both(x, training=False), input_signature=[spec])
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._serve(batch).numpy()
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, features = self._serve(batch)
+        return probabilities.numpy(), features.numpy()
 
 
 class _OnnxRunner:
@@ -329,9 +417,13 @@ class _OnnxRunner:
         providers = [p for p in wanted if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(model_bytes, providers=providers)
         self._input = self.session.get_inputs()[0].name
+        self._outputs = [output.name for output in self.session.get_outputs()]
+        if len(self._outputs) != 2:
+            raise BundleError(f"the ONNX model gives {len(self._outputs)} outputs, not 2")
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: batch})[0]
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, features = self.session.run(self._outputs, {self._input: batch})
+        return probabilities, features
 
 
 def _load_keras(model_file: Path, info: ModelInfo):
@@ -408,13 +500,17 @@ def _onnx_model(model_file: Path, info: ModelInfo) -> bytes:
     if cached.is_file():
         try:
             proto = onnx.load_model(cached)
-            if {p.key: p.value for p in proto.metadata_props}.get(_ONNX_SOURCE_KEY) == source:
+            metadata = {p.key: p.value for p in proto.metadata_props}
+            if metadata.get(_ONNX_SOURCE_KEY) == source and (
+                metadata.get(_ONNX_EXPORT_KEY) == _ONNX_EXPORT
+            ):
                 return proto.SerializeToString()
         except Exception as exc:  # a damaged cache is rebuilt, never served
             log.warning("%s: unreadable (%s), exporting again", cached, exc)
     log.info("%s: exporting to ONNX for ONNX Runtime (once, cached as %s)", model_file, ONNX_FILE)
     proto = _export_onnx(_load_keras(model_file, info), model_file)
     proto.metadata_props.add(key=_ONNX_SOURCE_KEY, value=source)
+    proto.metadata_props.add(key=_ONNX_EXPORT_KEY, value=_ONNX_EXPORT)
     data = proto.SerializeToString()
     try:
         atomic.write_bytes(cached, data, mode=0o644)
@@ -424,7 +520,8 @@ def _onnx_model(model_file: Path, info: ModelInfo) -> bytes:
 
 
 def _export_onnx(model, model_file: Path):
-    """Convert the Keras model to ONNX with tf2onnx (uint8 input of any size)."""
+    """Convert the Keras model to ONNX with tf2onnx (uint8 input of any size; outputs: the
+    probabilities, then the penultimate features, as :func:`feature_model`)."""
     try:
         import tensorflow as tf
         import tf2onnx
@@ -434,16 +531,21 @@ def _export_onnx(model, model_file: Path):
         ) from exc
     spec = (tf.TensorSpec((None, None, None, 1), tf.uint8, name="slices"),)
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+        proto, _ = tf2onnx.convert.from_keras(feature_model(model), input_signature=spec, opset=17)
     except Exception as exc:  # tf2onnx fails in many ways on an op it does not know
         raise BundleError(f"{model_file}: cannot be exported to ONNX ({exc})") from exc
     return proto
 
 
 def write_bundle(
-    model, info: ModelInfo, folder: str | os.PathLike, overwrite: bool = False
+    model,
+    info: ModelInfo,
+    folder: str | os.PathLike,
+    overwrite: bool = False,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Write ``model.keras`` and ``model.json`` into ``folder`` atomically and read them back.
+    """Write ``model.keras`` and ``model.json`` (and ``extra_files``, copied beside them: the
+    statistics ``model.json`` refers to) into ``folder`` atomically and read them back.
 
     The bundle is built in a temporary folder beside ``folder``, loaded back and checked, then
     renamed into place, so a reader sees the old bundle or the new one, never half of one. The
@@ -463,6 +565,8 @@ def write_bundle(
         # mixed-precision run on GPUs): the node chooses its own precision when it loads.
         _policy_copy(model, "float32").save(temp / MODEL_FILE)
         info.to_json(temp / INFO_FILE)
+        for extra in map(Path, extra_files):
+            shutil.copy2(extra, temp / extra.name)
         ModelBundle.load(temp)  # proves the written files are a valid bundle
         _keep_other_files(folder, temp)
         old = folder.with_name(f".{folder.name}.old") if folder.exists() else None
@@ -483,5 +587,6 @@ def _keep_other_files(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for path in old.iterdir():
-        if path.is_file() and path.name not in (MODEL_FILE, INFO_FILE, ONNX_FILE):
+        own = path.name in (MODEL_FILE, INFO_FILE, ONNX_FILE) or (new / path.name).exists()
+        if path.is_file() and not own:  # the new bundle's own statistics win
             shutil.copy2(path, new / path.name)

@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.analysis import imaging
+from node.analysis import calibration, imaging
 from node.analysis.analyze import (
     AnalysisError,
     AnalysisOptions,
@@ -35,7 +35,7 @@ from node.analysis.analyze import (
     windowed_lung_slices,
 )
 from node.analysis.bundle import ModelBundle
-from node.analysis.result import ModelIdentity, aggregate
+from node.analysis.result import ModelIdentity
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,13 +77,16 @@ class InputImage:
 
 @dataclass(frozen=True)
 class Classification:
-    """Per-slice probabilities (label, probabilities) and the study answer."""
+    """Per-slice probabilities (label, probabilities) and the study answer, calibrated and
+    decided as the worker does (:mod:`node.analysis.calibration`)."""
 
     slices: list[tuple[str, tuple[float, ...]]]
     predicted_class: str
     probabilities: tuple[float, ...]
     classes: tuple[str, ...]
     skipped: dict[str, str]
+    raw_probabilities: tuple[float, ...] | None = None  # before study calibration
+    decision: dict | None = None  # how the class was decided
 
 
 # ---------------------------------------------------------------------------- reading
@@ -231,27 +234,33 @@ def classify_slices(
     bundle: ModelBundle,
     batch_size: int = 16,
 ) -> Classification:
-    """The model's answer per slice and combined by ``rule`` (node.analysis.result.aggregate).
+    """The model's answer per slice and combined by ``rule`` (node.analysis.result.aggregate),
+    calibrated and decided by the bundle's calibration and operating point as in the worker.
 
     ``stacks`` are (label, (N, H, W) uint8 windowed slices) pairs; the slices of a stack are
     predicted in batches, so they share a size, stacks may differ. A stack of more than one
     slice labels them ``label[i]``.
     """
-    probabilities = np.concatenate(
+    raw = np.concatenate(
         [bundle.predict(slices, batch_size=batch_size) for _label, slices in stacks]
     )
+    probabilities = calibration.calibrate_slices(raw, bundle.info)
     labels = [
         label if len(slices) == 1 else f"{label}[{index}]"
         for label, slices in stacks
         for index in range(len(slices))
     ]
     classes = bundle.info.classes
-    predicted, combined = aggregate(probabilities, classes, rule=rule)
+    predicted, combined, uncalibrated, decision = calibration.study_answer(
+        probabilities, classes, rule, bundle.info
+    )
     labelled = [
         (label, tuple(float(v) for v in row))
         for label, row in zip(labels, probabilities, strict=True)
     ]
-    return Classification(labelled, predicted, tuple(combined), classes, {})
+    return Classification(
+        labelled, predicted, tuple(combined), classes, {}, uncalibrated, dict(decision)
+    )
 
 
 def classify_image(image: InputImage, bundle: ModelBundle, batch_size: int = 16) -> Classification:
@@ -292,7 +301,13 @@ def classify_paths(
     ]
     result = outcome.result
     return Classification(
-        labelled, result.predicted_class, result.probabilities, result.classes, outcome.skipped
+        labelled,
+        result.predicted_class,
+        result.probabilities,
+        result.classes,
+        outcome.skipped,
+        result.raw_probabilities,
+        dict(result.decision) if result.decision is not None else None,
     )
 
 
@@ -306,11 +321,19 @@ class ImageAnswer:
     probabilities: tuple[float, ...]
     slices: int
     model: ModelIdentity
+    raw_probabilities: tuple[float, ...] | None = None  # before study calibration
+    decision: dict | None = None  # how the class was decided (node.analysis.calibration)
 
     def as_dict(self) -> dict:
+        raw = self.raw_probabilities
         return {
             "predicted_class": self.predicted_class,
             "probabilities": dict(zip(self.classes, self.probabilities, strict=True)),
+            "uncalibrated_probabilities": None
+            if raw is None
+            else dict(zip(self.classes, raw, strict=True)),
+            "decision": self.decision,
+            "decided_by": calibration.describe(self.decision),
             "classes": list(self.classes),
             "slices": self.slices,
             "model": {
@@ -331,4 +354,6 @@ def answer_image(image: InputImage, bundle: ModelBundle, batch_size: int = 16) -
         probabilities=found.probabilities,
         slices=len(found.slices),
         model=bundle.info.identity(),
+        raw_probabilities=found.raw_probabilities,
+        decision=found.decision,
     )

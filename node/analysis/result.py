@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +52,18 @@ class StudyResult:
     rule: str
     slices: tuple[SliceResult, ...]
     model: ModelIdentity
+    # What a radiologist needs to check and trust the answer (issue "answers a radiologist can
+    # check"); each part is a JSON-clean mapping, stored as it is with the analysis:
+    # - raw_probabilities: the study probabilities before study-level calibration (None: the
+    #   bundle has no calibration, ``probabilities`` are the aggregate as it is)
+    # - decision: how the class was chosen from the probabilities (node.analysis.calibration)
+    # - ood: how unlike the training data the study is (node.analysis.ood; None: not assessed)
+    # - key_slices: the slices that drive the answer, highest class evidence first
+    #   (node.analysis.evidence)
+    raw_probabilities: tuple[float, ...] | None = None
+    decision: Mapping | None = None
+    ood: Mapping | None = None
+    key_slices: tuple[Mapping, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.probabilities):
@@ -64,6 +77,22 @@ class StudyResult:
     def probability(self) -> float:
         """Probability of the predicted class."""
         return self.probabilities[self.classes.index(self.predicted_class)]
+
+    @property
+    def outside_experience(self) -> bool:
+        """Whether the study was judged unlike anything the model was trained on."""
+        return bool(self.ood and self.ood.get("flagged"))
+
+    def assessment(self) -> dict:
+        """The trust parts as stored with the analysis (``Analysis.assessment``)."""
+        return {
+            "raw_probabilities": list(self.raw_probabilities)
+            if self.raw_probabilities is not None
+            else None,
+            "decision": dict(self.decision) if self.decision is not None else None,
+            "ood": dict(self.ood) if self.ood is not None else None,
+            "key_slices": [dict(k) for k in self.key_slices],
+        }
 
 
 def aggregate(

@@ -202,6 +202,13 @@ class Analysis(Base):
     probabilities: Mapped[dict | None] = mapped_column(JSON)
     slices_evaluated: Mapped[int] = mapped_column(Integer, default=0)
     instances_skipped: Mapped[dict] = mapped_column(JSON, default=dict)
+    # StudyResult.assessment(): raw (uncalibrated) study probabilities, how the class was
+    # decided (operating point), the out-of-distribution assessment, the key slices
+    assessment: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
+    # the study is unlike the model's training data (assessment["ood"]["flagged"])
+    outside_experience: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false"), index=True
+    )
 
     slices: Mapped[list[SlicePrediction]] = relationship(
         back_populates="analysis", order_by="SlicePrediction.position"

@@ -202,8 +202,21 @@ def study_result(node: Node, analysis_id: int) -> tuple[StudyResult, list, Study
             rule=analysis.rule,
             slices=slices,
             model=ModelIdentity(analysis.model_name, analysis.model_version, demo=demo),
+            **stored_assessment(analysis.assessment),
         )
         return result, headers, study, None
+
+
+def stored_assessment(stored: dict | None) -> dict:
+    """``StudyResult``'s trust fields from ``Analysis.assessment`` (empty for older rows)."""
+    stored = stored or {}
+    raw = stored.get("raw_probabilities")
+    return {
+        "raw_probabilities": tuple(raw) if raw is not None else None,
+        "decision": stored.get("decision"),
+        "ood": stored.get("ood"),
+        "key_slices": tuple(stored.get("key_slices") or ()),
+    }
 
 
 def deliver_report(node: Node, report_id: int, observer) -> str:
@@ -248,10 +261,16 @@ def deliver_report(node: Node, report_id: int, observer) -> str:
             predecessor=predecessor,
             correction=correction,
         )
+        # a correction states the radiologist's finding: the model's maps are not sent with it
+        images = _heatmap_images(node, report, result, observer) if correction is None else []
         if report.method == "stow":
-            send_sr_stow(sr, peer)
+            refused = send_sr_stow(sr, peer, images=images)
         else:
-            send_sr_dimse(sr, node.settings, peer)
+            refused = send_sr_dimse(sr, node.settings, peer, images)
+        for reason in refused:  # the SR is the report: an image refused is only logged
+            log.warning(
+                "report %d: heatmap image not stored by %s: %s", report.id, peer.name, reason
+            )
     except ReportError as exc:
         return _record_failure(node, claim, False, f"the SR cannot be built: {exc}")
     except SendError as exc:
@@ -277,6 +296,45 @@ def deliver_report(node: Node, report_id: int, observer) -> str:
         report.destination,
     )
     return ReportStatus.SENT
+
+
+def _heatmap_images(node: Node, report: Report, result: StudyResult, observer) -> list:
+    """The key slices' heatmap Secondary Captures to send with the SR (``report_heatmaps``);
+    none, logged, when they cannot be made: the SR goes without them."""
+    from pydicom.errors import InvalidDicomError
+
+    from node.analysis.analyze import AnalysisOptions
+    from node.reporting.heatmap_sc import build_heatmap_images
+
+    if not node.settings.report_heatmaps:
+        return []
+    wanted = {
+        result.slices[int(key["position"])].sop_instance_uid
+        for key in result.key_slices
+        if key.get("heatmap")
+    }
+    if not wanted:
+        return []
+    options = AnalysisOptions.from_settings(node.settings)
+    try:
+        with node.session_factory() as session:
+            stored = session.execute(
+                select(Instance.sop_instance_uid, Instance.store_key).where(
+                    Instance.sop_instance_uid.in_(wanted)
+                )
+            ).all()
+        sources = {uid: dcmread(node.store.path(key)) for uid, key in stored}
+        return build_heatmap_images(
+            result,
+            sources,
+            observer,
+            sr_sop_instance_uid=report.sop_instance_uid,
+            window=options.window,
+            limits=options.limits,
+        )
+    except (ValueError, OSError, InvalidDicomError) as exc:  # HeatmapImageError is a ValueError
+        log.warning("report %d: the SR goes without heatmap images (%s)", report.id, exc)
+        return []
 
 
 def _claim(node: Node, report_id: int) -> Report | None:

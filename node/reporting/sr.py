@@ -30,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from node import __version__
+from node.analysis import calibration
 from node.analysis.result import CLASSES, StudyResult
 from node.dicom.network import associate, make_ae, peer_label
 from node.ingest.store import check_uid
@@ -61,6 +62,25 @@ LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung structure")
 # ones, which is what the model did. 109103 is "Modifying Equipment" (changes an
 # instance without creating a new one), and highdicom only accepts CID 7005 purposes.
 ALGORITHM_PURPOSE = codes.DCM.ProcessingEquipment
+# How the class was decided from the probabilities (calibration, operating point): a TEXT item
+# in the finding's group, named by a local code (DICOM lets a "99" scheme be private).
+DECISION_METHOD = hd.sr.CodedConcept("DECISION", "99AINODE", "Decision method")
+# DCM 121080 "Best illustration of finding": the key slices, the images that drive the answer.
+KEY_SLICE = codes.DCM.BestIllustrationOfFinding
+# Whether the study is like what the model was trained on (node.analysis.ood): a qualitative
+# evaluation of the finding's group, local codes (DICOM has none for it), and one TEXT item
+# per reason when it is outside.
+EXPERIENCE = hd.sr.CodedConcept("OODASSESS", "99AINODE", "Input within the model's experience")
+EXPERIENCE_VALUES = {
+    "outside": hd.sr.CodedConcept("OUTSIDE", "99AINODE", "Outside the model's experience"),
+    "within": hd.sr.CodedConcept("WITHIN", "99AINODE", "Within the model's experience"),
+    "not assessed": hd.sr.CodedConcept(
+        "NOTASSESSED", "99AINODE", "Not assessed (the model bundle cannot warn)"
+    ),
+}
+EXPERIENCE_REASON = hd.sr.CodedConcept(
+    "OODREASON", "99AINODE", "Reason outside the model's experience"
+)
 DEMO_WARNING = "DEMO model trained on synthetic phantoms - not for clinical use"
 TRACKING_LABEL = "AI study classification"
 CORRECTION_LABEL = "Radiologist correction of the AI study classification"
@@ -288,11 +308,29 @@ def _measurement_report(
         finding_sites=[hd.sr.FindingSite(LUNG)],
         algorithm_id=hd.sr.AlgorithmIdentification(result.model.name, result.model.version),
         measurements=[hd.sr.Measurement(PROBABILITY, result.probability, NO_UNITS)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(EXPERIENCE, _experience(result))],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
             for ds in evidence
         ],
     )
+    group[0].ContentSequence.extend(
+        hd.sr.TextContentItem(
+            name=EXPERIENCE_REASON,
+            value=str(reason)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for reason in (result.ood or {}).get("reasons", [])
+        if result.outside_experience
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=DECISION_METHOD,
+            value=calibration.describe(result.decision)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    group[0].ContentSequence.extend(_key_slice_items(result))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=observer.uid,
         name=observer.name,
@@ -306,6 +344,59 @@ def _measurement_report(
     return hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=CT_CHEST, imaging_measurements=[group]
     )
+
+
+def _experience(result: StudyResult) -> hd.sr.CodedConcept:
+    """The qualitative evaluation's value: outside, within, or not assessed."""
+    if result.ood is None:
+        return EXPERIENCE_VALUES["not assessed"]
+    return EXPERIENCE_VALUES["outside" if result.outside_experience else "within"]
+
+
+def read_sr_experience(ds: Dataset) -> tuple[str, list[str]] | None:
+    """What an ainode SR says of the study against the model's experience: (the evaluation's
+    code meaning, the reasons), or None when it says nothing (an older SR, a correction);
+    parsed with highdicom."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type is not None]
+    for group in groups:
+        evaluations = group.get_qualitative_evaluations(name=EXPERIENCE)
+        if evaluations:
+            reasons = [str(item.TextValue) for item in _text_items(group, EXPERIENCE_REASON)]
+            return evaluations[0].value.meaning, reasons
+    return None
+
+
+def _key_slice_items(result: StudyResult) -> list[hd.sr.ImageContentItem]:
+    """The key slices (highest class evidence first) as IMAGE items "Best illustration of
+    finding" (DCM 121080) in the finding's group: the images a reader should look at."""
+    items = []
+    for key in result.key_slices:
+        item = result.slices[int(key["position"])]
+        items.append(
+            hd.sr.ImageContentItem(
+                name=KEY_SLICE,
+                referenced_sop_class_uid=item.sop_class_uid,
+                referenced_sop_instance_uid=item.sop_instance_uid,
+                referenced_frame_numbers=item.frame + 1 if item.frame is not None else None,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return items
+
+
+def read_sr_key_slices(ds: Dataset) -> list[tuple[str, int | None]]:
+    """The key slices an ainode SR names, in order: (SOP Instance UID, frame number (1-based)
+    or None), parsed with highdicom."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type is not None]
+    found = []
+    for group in groups:
+        for item in hd.sr.utils.find_content_items(group[0], name=KEY_SLICE, value_type="IMAGE"):
+            reference = item.ReferencedSOPSequence[0]
+            frames = reference.get("ReferencedFrameNumber")
+            found.append((str(reference.ReferencedSOPInstanceUID), int(frames) if frames else None))
+    return found
 
 
 def _corrected_report(
@@ -412,6 +503,15 @@ def read_sr_summary(ds: Dataset) -> dict:
     }
 
 
+def read_sr_decision(ds: Dataset) -> str | None:
+    """How an ainode SR says its class was decided (None: a radiologist's correction, or an
+    SR written before the node said so), parsed with highdicom."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type is not None]
+    items = [item for group in groups for item in _text_items(group, DECISION_METHOD)]
+    return str(items[0].TextValue) if items else None
+
+
 def read_sr_revision(ds: Dataset) -> dict:
     """What makes an SR a revision: ``predecessors`` (the :class:`Predecessor` items of its
     Predecessor Documents Sequence, in order) and ``person_observer`` ((name, login name)
@@ -449,21 +549,35 @@ def _text_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, name) -> str
     return str(items[0].TextValue)
 
 
-def send_sr_dimse(ds: Dataset, settings: Settings, peer: Peer) -> None:
-    """C-STORE the SR to ``peer`` as ``settings.ae_title``; raise :class:`SendError` on failure."""
+def send_sr_dimse(
+    ds: Dataset, settings: Settings, peer: Peer, images: Sequence[Dataset] = ()
+) -> list[str]:
+    """C-STORE the SR to ``peer`` as ``settings.ae_title`` (then ``images``, e.g. its heatmap
+    Secondary Captures, in the same association); raise :class:`SendError` when the SR is
+    not stored. Returns why each image that was not stored was refused."""
     where = peer_label(peer)
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     ae = make_ae(settings)
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in dict.fromkeys([str(ds.SOPClassUID), *(str(i.SOPClassUID) for i in images)]):
+        ae.add_requested_context(sop_class, syntaxes)
     assoc = associate(ae, settings, peer)
     if not assoc.is_established:
         raise _association_failure(assoc, where)
+    refused = []
     try:
-        status = assoc.send_c_store(ds)
-    except ValueError as exc:  # no accepted presentation context for the SR's SOP class
-        raise SendError(False, f"C-STORE to {where}: {exc}") from exc
+        try:
+            status = assoc.send_c_store(ds)
+        except ValueError as exc:  # no accepted presentation context for the SR's SOP class
+            raise SendError(False, f"C-STORE to {where}: {exc}") from exc
+        _check_store_status(status, where)
+        for image in images:
+            try:
+                _check_store_status(assoc.send_c_store(image), where)
+            except (ValueError, SendError) as exc:  # e.g. the PACS takes no Secondary Capture
+                refused.append(f"{image.SOPInstanceUID}: {exc}")
     finally:
         assoc.release()
-    _check_store_status(status, where)
+    return refused
 
 
 def _association_failure(assoc, where: str) -> SendError:
@@ -492,8 +606,11 @@ def _check_store_status(status: Dataset, where: str) -> None:
     raise SendError(transient, f"C-STORE to {where} failed with status 0x{code:04X}{comment}")
 
 
-def send_sr_stow(ds: Dataset, peer: Peer, *, timeout: float = 60.0) -> None:
-    """STOW-RS the SR to ``peer.dicomweb_url``; raise :class:`SendError` on failure.
+def send_sr_stow(
+    ds: Dataset, peer: Peer, *, timeout: float = 60.0, images: Sequence[Dataset] = ()
+) -> list[str]:
+    """STOW-RS the SR (and ``images``, in the same request) to ``peer.dicomweb_url``; raise
+    :class:`SendError` when the SR is not stored. Returns why each image was refused.
 
     HTTP 5xx, 408, 429 and connection errors are transient, other 4xx permanent.
     dicomweb-client's own retries are off: retries belong to the task layer.
@@ -505,7 +622,7 @@ def send_sr_stow(ds: Dataset, peer: Peer, *, timeout: float = 60.0) -> None:
         try:
             client = DICOMwebClient(root, session=session, timeout=timeout)
             client.set_http_retry_params(retry=False)
-            answer = client.store_instances([ds])
+            answer = client.store_instances([ds, *images])
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else None
             text = exc.response.text[:200] if exc.response is not None else ""
@@ -516,6 +633,10 @@ def send_sr_stow(ds: Dataset, peer: Peer, *, timeout: float = 60.0) -> None:
         except ValueError as exc:  # a malformed URL or an unreadable answer
             raise SendError(False, f"STOW-RS to {root} failed: {exc}") from exc
     _check_stow_answer(answer, str(ds.SOPInstanceUID), root)
+    return [
+        f"{item.get('ReferencedSOPInstanceUID')}: reason 0x{int(item.get('FailureReason', 0)):04X}"
+        for item in answer.get("FailedSOPSequence", [])
+    ]
 
 
 def _check_stow_answer(answer: Dataset, sop_instance_uid: str, root: str) -> None:

@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from node.analysis import gradcam
 from node.analysis.analyze import AnalysisError, AnalysisOptions, analyze_instances
 from node.analysis.imaging import ImagingError
 from node.analysis.result import ModelIdentity
@@ -113,9 +114,9 @@ def run_analysis(
         return None
     try:
         with heartbeat(node, analysis_id, node.settings.analysis_timeout_seconds / 6):
-            outcome = analyze_instances(
-                instance_paths(node, study_id), bundle, analysis_options(node)
-            )
+            options = analysis_options(node)
+            outcome = analyze_instances(instance_paths(node, study_id), bundle, options)
+            outcome.result = _with_heatmaps(outcome, bundle, options, study_id)
     except AnalysisError as exc:
         _finish_failed(node, study_id, analysis_id, str(exc))
         return None
@@ -127,6 +128,18 @@ def run_analysis(
         _abandon(node, study_id, analysis_id, f"{type(exc).__name__}: {exc}", counted)
         raise
     return _record(node, study_id, analysis_id, outcome)
+
+
+def _with_heatmaps(outcome, bundle: ModelBundle, options: AnalysisOptions, study_id: int):
+    """The result with Grad-CAM maps on its key slices; without, logged, when they cannot be
+    made (the answer stands without them)."""
+    try:
+        return gradcam.key_slice_maps(
+            outcome.result, outcome.evaluated, bundle, options.window, options.limits
+        )
+    except (gradcam.GradCamError, ImagingError, OSError, ValueError) as exc:
+        log.warning("study %d: no heatmaps (%s: %s)", study_id, type(exc).__name__, exc)
+        return outcome.result
 
 
 @contextmanager
@@ -209,6 +222,8 @@ def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
                 probabilities=dict(zip(result.classes, result.probabilities, strict=True)),
                 slices_evaluated=len(result.slices),
                 instances_skipped=outcome.skipped,
+                assessment=result.assessment(),
+                outside_experience=result.outside_experience,
             )
         ).rowcount
         if done != 1:  # the sweeper gave up on this run meanwhile; another run owns the study
@@ -243,5 +258,8 @@ def _record(node: Node, study_id: int, analysis_id: int, outcome) -> int | None:
             (result.model.name, result.model.version),
         )
         if settings.report_destination is None:
+            return None
+        if result.outside_experience and settings.report_hold_outside_experience:
+            log.info("analysis %d: outside the model's experience, SR held", analysis_id)
             return None
         return open_report(session, analysis_id, settings).id

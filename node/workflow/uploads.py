@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from node import atomic
+from node.analysis import gradcam
 from node.analysis.analyze import AnalysisOptions
 from node.analysis.bundle import BundleError
 from node.analysis.classify import ClassifyError, answer_image, read_input
@@ -89,7 +90,9 @@ def classify_upload_job(node: Node, active_bundle: Callable[[], ModelBundle], jo
     try:
         data = pending.read_bytes()
         image = read_input(data, AnalysisOptions.from_settings(node.settings))
-        answer = answer_image(image, active_bundle()).as_dict()
+        bundle = active_bundle()
+        answer = answer_image(image, bundle).as_dict()
+        answer["heatmap"] = _heatmap(bundle, image, answer["predicted_class"], job_id)
         kept = _keep(node.settings, pending, image.suffix) if keep else None
     except ClassifyError as exc:
         return _finish(node, job_id, UploadStatus.FAILED, pending, error=str(exc))
@@ -103,6 +106,20 @@ def classify_upload_job(node: Node, active_bundle: Callable[[], ModelBundle], jo
         return _finish(node, job_id, UploadStatus.FAILED, pending, error=reason)
     log.info("upload %d (%s) classified: %s", job_id, kind, answer["predicted_class"])
     return _finish(node, job_id, UploadStatus.DONE, pending, answer=answer, kept=kept)
+
+
+def _heatmap(bundle: ModelBundle, image, predicted_class: str, job_id: int) -> dict | None:
+    """The Grad-CAM map (:func:`node.analysis.gradcam.encode`) of a one-slice upload for its
+    class; None for several slices (the page shows one) or when it cannot be made (logged)."""
+    if len(image.slices) != 1:
+        return None
+    try:
+        explainer = bundle.gradcam()
+        heatmap = explainer.maps(image.slices, bundle.info.classes.index(predicted_class))[0]
+    except (gradcam.GradCamError, ValueError, OSError) as exc:
+        log.warning("upload %d: no heatmap (%s: %s)", job_id, type(exc).__name__, exc)
+        return None
+    return gradcam.encode(heatmap)
 
 
 def _keep(settings: Settings, pending: Path, suffix: str) -> str:

@@ -1,5 +1,6 @@
 // Study viewer: wheel/keyboard slice navigation with preloading, window presets and custom
-// C/W, and the per-slice probability strip (click to jump). Slices are rendered server-side.
+// C/W, the per-slice probability strip (click to jump), the key slices (jump to them) and their
+// Grad-CAM overlay (toggle, opacity). Slices and overlays are rendered server-side.
 "use strict";
 (() => {
   const data = JSON.parse(document.getElementById("viewer-data").textContent);
@@ -38,9 +39,44 @@
     }
   }
 
+  // ------------------------------------------------- key slices and the Grad-CAM overlay
+  const keys = new Map((data.key_slices || []).map((key) => [key.n, key]));
+  const heatmap = document.getElementById("heatmap-image");
+  const heatmapToggle = document.getElementById("heatmap-toggle");
+  const heatmapOpacity = document.getElementById("heatmap-opacity");
+  const heatmapNote = document.getElementById("heatmap-note");
+  const keyButtons = [...document.querySelectorAll(".key-slice")];
+
+  function showHeatmap() {
+    if (!heatmap) return;
+    const key = keys.get(current);
+    const wanted = Boolean(key && key.heatmap && heatmapToggle.checked);
+    if (wanted) {
+      const url = `${data.heatmap_url}/${current}.png?v=${encodeURIComponent(data.version)}`;
+      if (heatmap.dataset.src !== url) { heatmap.src = url; heatmap.dataset.src = url; }
+      heatmap.style.opacity = String(Number(heatmapOpacity.value) / 100);
+    }
+    heatmap.hidden = !wanted;
+    heatmapNote.textContent = key
+      ? `Key slice #${key.rank}${key.heatmap ? "" : " (no heatmap)"}`
+      : "No heatmap on this slice: only key slices have one.";
+    for (const button of keyButtons) {
+      button.classList.toggle("current", Number(button.dataset.n) === current);
+    }
+  }
+
+  if (heatmap) {
+    heatmapToggle.addEventListener("change", showHeatmap);
+    heatmapOpacity.addEventListener("input", showHeatmap);
+    for (const button of keyButtons) {
+      button.addEventListener("click", () => show(Number(button.dataset.n)));
+    }
+  }
+
   function show(n) {
     current = Math.max(0, Math.min(data.count - 1, n));
     image.src = urlFor(current);
+    showHeatmap();
     image.alt = `Slice ${current + 1} of ${data.count}`;
     indexLabel.textContent = `Slice ${current + 1} / ${data.count}`;
     range.value = String(current + 1);
@@ -136,6 +172,8 @@
       });
     });
     ctx.globalAlpha = 1;
+    ctx.fillStyle = "#ffffff";
+    for (const n of keys.keys()) ctx.fillRect(n * cell + Math.max(0, cell / 2 - 1), strip.height - 5, 2, 5);
     ctx.strokeStyle = "#ffffff";
     ctx.lineWidth = 2;
     ctx.strokeRect(current * cell + 1, 1, Math.max(2, cell - 2), strip.height - 2);

@@ -1,4 +1,5 @@
-// Upload & classify: show the chosen image, post it (CSRF header), show the model's answer.
+// Upload & classify: show the chosen image, post it (CSRF header), show the model's answer and
+// the heatmap of where it looked.
 "use strict";
 (() => {
   const form = document.getElementById("upload-form");
@@ -50,6 +51,7 @@
     showError("");
     answerBox.hidden = true;
     figure.hidden = true;
+    setHeatmap(null);
     chosen = null;
     button.disabled = true;
     if (!file) return;
@@ -82,7 +84,29 @@
     throw new Error("No answer yet: the node's workers are busy or stopped. Try again later.");
   }
 
+  // The worker's Grad-CAM map of a one-slice upload, laid over the image (toggle, opacity).
+  const heatmap = document.getElementById("upload-heatmap");
+  const heatmapTools = document.getElementById("upload-heatmap-tools");
+  const heatmapToggle = document.getElementById("upload-heatmap-toggle");
+  const heatmapOpacity = document.getElementById("upload-heatmap-opacity");
+
+  function showHeatmap() {
+    heatmap.style.opacity = String(Number(heatmapOpacity.value) / 100);
+    heatmap.hidden = !heatmap.dataset.src || !heatmapToggle.checked;
+  }
+
+  function setHeatmap(url) {
+    heatmap.dataset.src = url || "";
+    if (url) heatmap.src = url; else heatmap.removeAttribute("src");
+    heatmapTools.hidden = !url;
+    showHeatmap();
+  }
+
+  heatmapToggle.addEventListener("change", showHeatmap);
+  heatmapOpacity.addEventListener("input", showHeatmap);
+
   function showAnswer(result) {
+    setHeatmap(result.heatmap_url);
     const name = document.getElementById("upload-class");
     name.textContent = result.predicted_class;
     name.className = `class-${result.predicted_class}`;

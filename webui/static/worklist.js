@@ -32,12 +32,18 @@
     const cell = tr.querySelector("td.prediction");
     const probability = tr.querySelector("td.probability");
     const shown = row.probability === null ? "" : (row.probability * 100).toFixed(1) + "%";
-    const key = [row.class, row.model, shown].join("|");
+    const key = [row.class, row.model, shown, row.outside_experience].join("|");
     if (cell.dataset.key === key) return false;
     cell.dataset.key = key;
     cell.replaceChildren();
     if (row.class) {
       cell.append(element("span", "class-" + row.class, row.class));
+      if (row.outside_experience) {
+        const mark = element("span", "ood", "outside the model's experience");
+        mark.title = "Unlike the images the model was trained on: read this study without "
+          + "relying on the AI answer (the study page says why)";
+        cell.append(" ", mark);
+      }
       const model = element("div", "model muted", row.model.replace(/ DEMO$/, ""));
       if (row.model.endsWith(" DEMO")) model.append(" ", element("span", "demo", "DEMO"));
       cell.append(model);
