@@ -148,15 +148,16 @@ def move_where(
         .execution_options(synchronize_session=False)
     )
     if result.rowcount == 1:
-        log.info(
-            "study %d -> %s%s",
-            study_id,
-            to,
-            f" ({reason})" if reason else "",
-            extra={"study_id": study_id},
-        )
+        _moved(study_id, to, reason)
         return True
     return False
+
+
+def _moved(study_id: int, to: StudyStatus, reason: str | None) -> None:
+    log.info(
+        "study %d -> %s%s", study_id, to, f" ({reason})" if reason else "",
+        extra={"study_id": study_id},
+    )  # fmt: skip
 
 
 def _run_owns_study(study_id: int, analysis_id: int) -> list:
@@ -190,13 +191,7 @@ def end_run(
     )
     if result.rowcount != 1:
         return False
-    log.info(
-        "study %d -> %s%s",
-        study_id,
-        to,
-        f" ({reason})" if reason else "",
-        extra={"study_id": study_id},
-    )
+    _moved(study_id, to, reason)
     return True
 
 
