@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -772,3 +773,53 @@ def tmpfs(folder: Path, options: str = "size=1m") -> Iterator[Path]:
 def fill_tmpfs(folder: Path) -> None:
     """Fill a 1 MB tmpfs but for 64 kB: room for folders, none for a CT slice."""
     (folder / "ballast").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+
+
+class ArchiveSCP:
+    """A pynetdicom storage SCP for SRs, AE ``ARCHIVE``: answers each C-STORE with ``status``
+    and keeps what it received (``received``: SOP Instance UIDs; ``datasets``: decoded, in
+    the order they arrived); with ``hold`` each C-STORE waits until :meth:`release` (a slow
+    PACS)."""
+
+    AE_TITLE = "ARCHIVE"
+
+    def __init__(self, status: int = 0x0000, hold: bool = False) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+        self.status, self.received, self.datasets = status, [], []
+        self.arrived, self.released = threading.Event(), threading.Event()
+        if not hold:
+            self.released.set()
+        self.port = free_port()
+        ae = AE(ae_title=self.AE_TITLE)
+        ae.add_supported_context(Comprehensive3DSRStorage)
+        handlers = [(evt.EVT_C_STORE, self.handle_store)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def handle_store(self, event):
+        from pydicom.dataset import Dataset
+
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        self.arrived.set()
+        self.released.wait(60)
+        if self.status == 0x0000:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.datasets.append(ds)
+        answer = Dataset()
+        answer.Status = self.status
+        return answer
+
+    def release(self) -> None:
+        self.released.set()
+
+    @property
+    def peer(self):
+        from node.settings import Peer
+
+        return Peer(name="archive", ae_title=self.AE_TITLE, port=self.port)
+
+    def stop(self) -> None:
+        self.release()
+        self.server.shutdown()

@@ -10,9 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import select, update
 
 from node import phantom
@@ -24,11 +21,11 @@ from node.runtime import build_node
 from node.settings import DEMO_MODEL_DIR, Peer
 from node.workflow import jobs, sweeper
 from tests.conftest import orthanc_peer
-from tests.peers import free_port
+from tests.peers import ArchiveSCP, free_port
 from tests.test_pipeline import ingest_files, stable
 from tests.test_report import OBSERVER, study_result
 
-ARCHIVE = "ARCHIVE"
+ARCHIVE = ArchiveSCP.AE_TITLE
 
 
 @pytest.fixture(scope="module")
@@ -40,41 +37,6 @@ def bundle() -> ModelBundle:
 def series(tmp_path_factory):
     spec = phantom.PhantomSpec(slices=12, seed=33)
     return phantom.write_series(spec, tmp_path_factory.mktemp("delivery"))
-
-
-class ArchiveSCP:
-    """A pynetdicom storage SCP that answers each C-STORE with ``status``; with ``hold`` the
-    first C-STORE waits until :meth:`release` (a slow PACS)."""
-
-    def __init__(self, status: int = 0x0000, hold: bool = False) -> None:
-        self.status, self.received = status, []
-        self.arrived, self.released = threading.Event(), threading.Event()
-        if not hold:
-            self.released.set()
-        self.port = free_port()
-        ae = AE(ae_title=ARCHIVE)
-        ae.add_supported_context(Comprehensive3DSRStorage)
-        handlers = [(evt.EVT_C_STORE, self.handle_store)]
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
-
-    def handle_store(self, event):
-        self.received.append(str(event.request.AffectedSOPInstanceUID))
-        self.arrived.set()
-        self.released.wait(60)
-        answer = Dataset()
-        answer.Status = self.status
-        return answer
-
-    def release(self) -> None:
-        self.released.set()
-
-    @property
-    def peer(self) -> Peer:
-        return Peer(name="archive", ae_title=ARCHIVE, port=self.port)
-
-    def stop(self) -> None:
-        self.release()
-        self.server.shutdown()
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from datetime import timedelta
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import select
 
 from node import phantom
@@ -21,14 +19,12 @@ from node.records.db import Analysis, Report, Study, utcnow
 from node.reporting import delivery
 from node.reporting.sr import FINDING_CODES, read_sr_revision, read_sr_summary
 from node.runtime import build_node
-from node.settings import DEMO_MODEL_DIR, Peer
+from node.settings import DEMO_MODEL_DIR
 from node.workflow import jobs, sweeper
-from tests.peers import free_port
+from tests.peers import ArchiveSCP
 from tests.test_pipeline import ingest_files, stable
 from tests.test_report import OBSERVER
 from tests.webui import add_accounts, csrf_token, sign_in
-
-ARCHIVE = "ARCHIVE"
 
 
 @pytest.fixture(scope="module")
@@ -42,44 +38,9 @@ def series(tmp_path_factory):
     return phantom.write_series(spec, tmp_path_factory.mktemp("revised"))
 
 
-class Archive:
-    """A pynetdicom storage SCP keeping every SR it receives, decoded; with ``hold`` each
-    C-STORE waits until :meth:`release` (a slow PACS)."""
-
-    def __init__(self, hold: bool = False) -> None:
-        self.received: list[Dataset] = []
-        self.arrived, self.released = threading.Event(), threading.Event()
-        if not hold:
-            self.released.set()
-        self.port = free_port()
-        ae = AE(ae_title=ARCHIVE)
-        ae.add_supported_context(Comprehensive3DSRStorage)
-        handlers = [(evt.EVT_C_STORE, self.handle_store)]
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
-
-    def handle_store(self, event):
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        self.arrived.set()
-        self.released.wait(60)
-        self.received.append(ds)
-        return 0x0000
-
-    def release(self) -> None:
-        self.released.set()
-
-    @property
-    def peer(self) -> Peer:
-        return Peer(name="archive", ae_title=ARCHIVE, port=self.port)
-
-    def stop(self) -> None:
-        self.release()
-        self.server.shutdown()
-
-
 @pytest.fixture
 def archive(request):
-    scp = Archive(**getattr(request, "param", {}))
+    scp = ArchiveSCP(**getattr(request, "param", {}))
     yield scp
     scp.stop()
 
@@ -189,7 +150,7 @@ def test_reanalyze_sends_an_sr_whose_predecessor_is_the_first(
     assert (row.kind, row.replaces_report_id) == ("reanalysis", first)
     assert delivery.deliver_report(node, second, OBSERVER) == "sent"
 
-    original, revised = archive.received
+    original, revised = archive.datasets
     assert "PredecessorDocumentsSequence" not in original
     assert predecessor_uids(revised) == [uids_of(original)]
     assert revised.SOPInstanceUID == row.sop_instance_uid != original.SOPInstanceUID
@@ -215,7 +176,7 @@ def test_a_report_opened_while_the_last_was_on_its_way_names_it_once_it_is_sent(
     assert outcome["first"] == "sent"
     assert delivery.deliver_report(node, second, OBSERVER) == "sent"
     assert report_row(node, second).replaces_report_id == first
-    original, revised = archive.received
+    original, revised = archive.datasets
     assert predecessor_uids(revised) == [uids_of(original)]
 
 
@@ -230,7 +191,7 @@ def test_a_correction_is_written_back_as_a_third_sr_replacing_the_second(
     assert delivery.deliver_report(node, first, OBSERVER) == "sent"
     second = reanalyze(node, bundle, study_id, tmp_path, monkeypatch)
     assert delivery.deliver_report(node, second, OBSERVER) == "sent"
-    predicted = read_sr_summary(archive.received[1])["finding"]
+    predicted = read_sr_summary(archive.datasets[1])["finding"]
     corrected = corrected_class(node, second)
 
     client, answer = post_verdict(node, study_id, corrected)
@@ -243,7 +204,7 @@ def test_a_correction_is_written_back_as_a_third_sr_replacing_the_second(
     assert (row.kind, row.replaces_report_id) == ("correction", second)
     assert delivery.deliver_report(node, third, OBSERVER) == "sent"
 
-    _original, revised, correction = archive.received
+    _original, revised, correction = archive.datasets
     summary = read_sr_summary(correction)
     code = FINDING_CODES[corrected]
     assert summary["finding_code"] == (code.scheme_designator, code.value) != predicted
@@ -276,7 +237,7 @@ def test_with_report_corrections_off_a_correction_sends_no_sr(make_node, bundle,
     assert dispatched(node) == []
     with node.session_factory() as session:
         assert session.scalars(select(Report.id)).all() == [first]
-    assert len(archive.received) == 1
+    assert len(archive.datasets) == 1
     page = " ".join(re.sub(r"<[^>]+>", " ", client.get(f"/studies/{study_id}").text).split())
     assert "Report chain" in page and f"#{first} " in page
     assert "model result" in page and "radiologist correction" not in page
@@ -296,7 +257,7 @@ def test_a_pending_model_report_superseded_by_a_correction_is_never_sent(
         "superseded: a radiologist's correction of the result replaces this report"
     )
     assert delivery.deliver_report(node, correction, OBSERVER) == "sent"
-    (received,) = archive.received  # only the correction reached the PACS
+    (received,) = archive.datasets  # only the correction reached the PACS
     assert received.SOPInstanceUID == report_row(node, correction).sop_instance_uid
     assert "PredecessorDocumentsSequence" not in received  # the PACS never had the first
     code = FINDING_CODES[corrected]
