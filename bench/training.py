@@ -290,15 +290,18 @@ def write_class_folders(root: Path, count: int, seed: int) -> None:
         Image.fromarray(noisy).save(root / name / f"p{patient:05d}_{index:03d}.png")
 
 
-def run_child(kind: str, spec: dict, work: Path, limit_mb: float) -> dict:
-    """Run ``child_<kind>`` in a fresh interpreter, killing it if its RSS passes ``limit_mb``.
+def run_child(
+    kind: str, spec: dict, work: Path, limit_mb: float, module: str = "bench.training"
+) -> dict:
+    """Run ``child_<kind>`` of ``module`` (``python -m MODULE --child KIND SPEC``) in a fresh
+    interpreter, killing it if its RSS passes ``limit_mb``.
 
     Returns the child's result, or ``{"error": why}``.
     """
     stem = work / f"child-{kind}-{time.monotonic_ns()}"
     spec = {**spec, "result": str(stem.with_suffix(".result.json"))}
     stem.with_suffix(".json").write_text(json.dumps(spec), encoding="utf-8")
-    command = [sys.executable, "-m", "bench.training", "--child", kind, str(stem) + ".json"]
+    command = [sys.executable, "-m", module, "--child", kind, str(stem) + ".json"]
     with open(stem.with_suffix(".log"), "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
@@ -12,16 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ainode.cli import main
 from node.analysis.result import CLASSES
-from training.datasets import (
-    DatasetError,
-    covidx_keys,
-    read_class_folders,
-    read_covidx,
-    read_export,
+from training.covidx import covidx_keys, covidx_variant, read_covidx
+from training.datasets import DatasetError, read_class_folders, read_export, read_patient_keys
+from training.samples import SPLITS, Sample, read_samples, sha256_of
+from training.splits import (
+    LeakError,
+    check_no_leak,
+    exclude_patients,
+    split_by_patient,
+    split_counts,
 )
-from training.samples import SPLITS, Sample
-from training.splits import LeakError, check_no_leak, split_by_patient, split_counts
 
 LIDC_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.268992195564407418480563388746"
 # (split, file name, class number, box): names in the schemes COVIDx CT-2A publishes.
@@ -131,11 +134,21 @@ def test_covidx_uses_the_metadata_patient_ids_for_names_no_rule_knows(covidx, ca
         ("radiopaedia_10_85902_1-0123", "radiopaedia_10_85902", "radiopaedia_10_85902_1"),
         ("coronacases_org_001-0123", "coronacases_001", "coronacases_org_001"),
         ("study_0255-0012", "study_0255", "study_0255"),
+        ("STOIC-10221-0076", "STOIC-10221", "STOIC-10221"),
+        ("STOIC-97-0100", "STOIC-97", "STOIC-97"),
+        (
+            "A056642-01-07-1901-NA-CT-CHEST-PULMONARY-ANGIO-WITH-IV-CON-99467-200-0002",
+            "A056642",
+            "A056642-01-07-1901-NA-CT-CHEST-PULMONARY-ANGIO-WITH-IV-CON-99467",
+        ),
+        ("COVIDCTMD-P055-IM0024", "COVIDCTMD-P055", "COVIDCTMD-P055"),
+        ("COVIDCTMD-cap004-IM0070", "COVIDCTMD-cap004", "COVIDCTMD-cap004"),
+        ("COVIDCTMD-normal075-IM0031", "COVIDCTMD-normal075", "COVIDCTMD-normal075"),
         ("unknown-scheme_0007", "unknown-scheme", "unknown-scheme"),
     ],
 )
 def test_covidx_patient_and_study_keys_from_published_file_names(name, patient, study):
-    assert covidx_keys(name)[:2] == (patient, study)
+    assert covidx_keys(name) == (patient, study, not name.startswith("unknown-scheme"))
 
 
 def test_covidx_warns_when_a_patient_is_in_two_official_splits(covidx, caplog):
@@ -183,21 +196,237 @@ def test_covidx_accepts_chosen_split_files_and_images_beside_them(covidx):
     assert all(s.path.parent == covidx for s in samples)
 
 
+# (split, file name, class number, patient, study): COVIDx CT-3A names of every source, as
+# COVIDNet-CT's dataset_construction/ writes them, with the patient id metadata.csv lists.
+COVIDX_3A_LINES = [
+    ("train", "NCP_96_1328_0032.png", 2, "NCP_96", "NCP_96_1328"),
+    ("train", "CP_1068_3064_0045.png", 1, "CP_1068", "CP_1068_3064"),
+    ("train", "Normal_2011_293_0101.png", 0, "Normal_2011", "Normal_2011_293"),
+    ("train", "137covid_patient100_SR_2_IM00028.png", 2, "patient100", "patient100_SR_2"),
+    ("train", "HUST-Patient1314-0348.png", 2, "HUST-Patient1314", "HUST-Patient1314"),
+    (
+        "train",
+        "radiopaedia_10_85902_1-0123.png",
+        2,
+        "radiopaedia_10_85902",
+        "radiopaedia_10_85902_1",
+    ),
+    ("train", "coronacases_org_001-0123.png", 2, "coronacases_001", "coronacases_org_001"),
+    (
+        "train",
+        "volume-covid19-A-0698_ct-0017.png",
+        2,
+        "volume-covid19-A-0698",
+        "volume-covid19-A-0698_ct",
+    ),
+    ("train", "STOIC-10221-0076.png", 2, "STOIC-10221", "STOIC-10221"),
+    ("train", "STOIC-10221-0080.png", 2, "STOIC-10221", "STOIC-10221"),
+    (
+        "train",
+        "A002304-01-10-1901-NA-CT-ABD-AND-PELVIS-WITH-IV-CONT-76655-2-0001.png",
+        2,
+        "A002304",
+        "A002304-01-10-1901-NA-CT-ABD-AND-PELVIS-WITH-IV-CONT-76655",
+    ),
+    (
+        "train",
+        "A002304-01-12-1901-NA-CT-CHEST-PULMONARY-ANGIO-WITH-IV-CON-70694-4-0039.png",
+        2,
+        "A002304",
+        "A002304-01-12-1901-NA-CT-CHEST-PULMONARY-ANGIO-WITH-IV-CON-70694",
+    ),
+    (
+        "train",
+        "A383281-01-02-1901-NA-LUNG-PERFU-SION-IMAGING-58908-3-0013.png",
+        2,
+        "A383281",
+        "A383281-01-02-1901-NA-LUNG-PERFU-SION-IMAGING-58908",
+    ),
+    ("train", "COVIDCTMD-P055-IM0024.png", 2, "COVIDCTMD-P055", "COVIDCTMD-P055"),
+    ("val", "volume-covid19-A-0699-0041.png", 2, "volume-covid19-A-0699", "volume-covid19-A-0699"),
+    (
+        "val",
+        f"LIDC-IDRI-0273-{LIDC_UID}-0093.png",
+        0,
+        "LIDC-IDRI-0273",
+        f"LIDC-IDRI-0273-{LIDC_UID}",
+    ),
+    (
+        "val",
+        "radiopaedia-40860-43528-1-0012.png",
+        1,
+        "radiopaedia-40860",
+        "radiopaedia-40860-43528",
+    ),
+    ("val", "COVIDCTMD-cap004-IM0070.png", 1, "COVIDCTMD-cap004", "COVIDCTMD-cap004"),
+    ("test", "NCP_341_1834_0022.png", 2, "NCP_341", "NCP_341_1834"),
+    ("test", "CP_5_3509_0130.png", 1, "CP_5", "CP_5_3509"),
+    ("test", "COVIDCTMD-normal075-IM0031.png", 0, "COVIDCTMD-normal075", "COVIDCTMD-normal075"),
+]
+# Two slices of a source no rule knows (nor metadata.csv): keyed by the name, and reported.
+COVIDX_3A_UNKNOWN = [("train", "future-source_0007.png", 0), ("train", "future-source_0008.png", 0)]
+COVIDX_3A_METADATA = [
+    "NCP_96,CNCB,China,,,COVID-19,Yes,Expert,Axial,CT",
+    "CP_1068,CNCB,China,,,Pneumonia,Yes,Automatic,Axial,CT",
+    "Normal_2011,CNCB,China,,,Normal,Yes,Expert,Axial,CT",
+    "patient100,COVID-CTset,Iran,,,COVID-19,Yes,Non-expert,Axial,CT",
+    "HUST-Patient1314,iCTCF,China,M,55,COVID-19,Yes,Automatic,Axial,CT",
+    "radiopaedia_10_85902,Radiopaedia,,,,COVID-19,Yes,Expert,Axial,CT",
+    "coronacases_001,coronacases.org,,,,COVID-19,Yes,Expert,Axial,CT",
+    "volume-covid19-A-0698,COVID-19-20,,,,COVID-19,Yes,Expert,Axial,CT",
+    "STOIC-10221,STOIC,France,F,55,COVID-19,Yes,Automatic,Axial,CT",
+    "A002304,Stony Brook,USA,M,,COVID-19,Yes,Automatic,Axial,CT",
+    "A383281,Stony Brook,USA,F,,COVID-19,Yes,Automatic,Axial,CT",
+    "COVIDCTMD-P055,COVID-CT-MD,Iran,M,58,COVID-19,Yes,Automatic,Axial,CT",
+    "volume-covid19-A-0699,TCIA,,,,COVID-19,Yes,Expert,Axial,CT",
+    "LIDC-IDRI-0273,LIDC-IDRI,USA,,,Normal,Yes,Expert,Axial,CT",
+    "radiopaedia-40860,Radiopaedia,,,,Pneumonia,Yes,Expert,Axial,CT",
+    "COVIDCTMD-cap004,COVID-CT-MD,Iran,M,71,Pneumonia,Yes,Expert,Axial,CT",
+    "NCP_341,CNCB,China,,,COVID-19,Yes,Expert,Axial,CT",
+    "CP_5,CNCB,China,,,Pneumonia,Yes,Expert,Axial,CT",
+    "COVIDCTMD-normal075,COVID-CT-MD,Iran,M,56,Normal,Yes,N/A,Axial,CT",
+]
+
+
+def write_covidx_3a(root: Path) -> Path:
+    """A COVIDx CT-3A download: 3A_images/, <split>_COVIDx_CT-3A.txt and metadata.csv."""
+    lines = [(split, name, number) for split, name, number, *_ in COVIDX_3A_LINES]
+    for split in SPLITS:
+        listed = [
+            f"{name} {number} {number} 2 60 61"
+            for where, name, number in [*lines, *COVIDX_3A_UNKNOWN]
+            if where == split
+        ]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_COVIDx_CT-3A.txt").write_text("\n".join(listed) + "\n")
+    for _, name, number in [*lines, *COVIDX_3A_UNKNOWN]:
+        write_png(root / "3A_images" / name, value=40 * number)
+    (root / "metadata.csv").write_text("\n".join([METADATA_HEADER, *COVIDX_3A_METADATA]) + "\n")
+    return root
+
+
+@pytest.fixture
+def covidx_3a(tmp_path) -> Path:
+    return write_covidx_3a(tmp_path / "covidxct")
+
+
+def metadata_ids(root: Path) -> set[str]:
+    with open(root / "metadata.csv", newline="") as handle:
+        return {row["patient id"] for row in csv.DictReader(handle)}
+
+
+def test_covidx_3a_is_detected_and_read_with_its_splits_labels_and_boxes(covidx_3a):
+    assert covidx_variant(covidx_3a) == "3A"
+    samples = by_name(read_covidx(covidx_3a))
+
+    assert len(samples) == len(COVIDX_3A_LINES) + len(COVIDX_3A_UNKNOWN)
+    for split, name, number, _, _ in COVIDX_3A_LINES:
+        sample = samples[name]
+        assert (sample.split, sample.label) == (split, ("Normal", "Pneumonia", "Covid_19")[number])
+        assert sample.path == covidx_3a / "3A_images" / name
+        assert sample.box == (number, 2, 60, 61)
+    assert samples["COVIDCTMD-cap004-IM0070.png"].slice_index == 70
+    assert samples["STOIC-10221-0080.png"].slice_index == 80
+
+
+def test_covidx_3a_patient_keys_of_every_source_are_metadata_patient_ids(covidx_3a, caplog):
+    with caplog.at_level(logging.WARNING):
+        samples = by_name(read_covidx(covidx_3a))
+
+    listed = metadata_ids(covidx_3a)
+    for _, name, _, patient, study in COVIDX_3A_LINES:
+        assert (samples[name].patient, samples[name].study) == (patient, study)
+        assert samples[name].patient in listed, name
+    assert "not in metadata.csv" not in caplog.text
+    stony_brook = [s for s in samples.values() if s.patient == "A002304"]
+    assert len({s.study for s in stony_brook}) == 2, "two studies of one Stony Brook patient"
+
+
+def test_covidx_3a_counts_patients_metadata_does_not_list(covidx_3a, caplog):
+    metadata = covidx_3a / "metadata.csv"
+    kept = [row for row in metadata.read_text().splitlines() if not row.startswith("STOIC-")]
+    metadata.write_text("\n".join(kept) + "\n")
+    with caplog.at_level(logging.WARNING):
+        read_covidx(covidx_3a)
+    assert (
+        "1 patient key(s) parsed from file names are not in metadata.csv's 'patient id' column "
+        "(first: STOIC-10221)"
+    ) in caplog.text
+
+
+def test_covidx_3a_names_no_rule_knows_are_reported_once_with_a_count(covidx_3a, caplog):
+    with caplog.at_level(logging.WARNING):
+        samples = by_name(read_covidx(covidx_3a))
+
+    unknown = [r.getMessage() for r in caplog.records if "no known COVIDx scheme" in r.getMessage()]
+    assert len(unknown) == 1
+    assert (
+        "2 file name(s) follow no known COVIDx scheme (first: future-source_0007.png"
+        in (unknown[0])
+    )
+    assert samples["future-source_0007.png"].patient == "future-source"
+
+
+def test_covidx_2a_is_detected_from_its_split_files(covidx):
+    assert covidx_variant(covidx) == "2A"
+    assert covidx_variant(covidx, "2A") == "2A"
+
+
+def test_covidx_variant_prefers_the_complete_release_or_the_one_with_its_images(covidx_3a):
+    (covidx_3a / "2A_images").mkdir()
+    (covidx_3a / "train_COVIDx_CT-2A.txt").write_text("NCP_96_1328_0032.png 2 1 1 60 60\n")
+    assert covidx_variant(covidx_3a) == "3A"  # 2A has one split file of three
+
+    for split in SPLITS:
+        (covidx_3a / f"{split}_COVIDx_CT-2A.txt").write_text("NCP_96_1328_0032.png 2 1 1 6 6\n")
+    with pytest.raises(DatasetError, match=re.escape("both COVIDx CT-2A and CT-3A; choose one")):
+        covidx_variant(covidx_3a)
+    assert covidx_variant(covidx_3a, "2A") == "2A"
+
+    (covidx_3a / "2A_images").rmdir()
+    assert covidx_variant(covidx_3a) == "3A"  # both complete: only 3A_images/ is there
+
+
+def test_covidx_variant_can_be_forced(covidx_3a):
+    with pytest.raises(DatasetError, match=r"train_COVIDx_CT-2A.txt: missing \(COVIDx train"):
+        read_covidx(covidx_3a, variant="2A")
+    assert len(read_covidx(covidx_3a, variant="3A")) == len(read_covidx(covidx_3a))
+    with pytest.raises(DatasetError, match="COVIDx variant '3B' is not one of auto, 2A, 3A"):
+        read_covidx(covidx_3a, variant="3B")
+
+
+def test_covidx_folder_without_split_files_names_the_files_looked_for(tmp_path):
+    (tmp_path / "download" / "3A_images").mkdir(parents=True)
+    with pytest.raises(DatasetError) as raised:
+        read_covidx(tmp_path / "download")
+    assert str(raised.value) == (
+        f"{tmp_path / 'download'}: no COVIDx split files; looked for train_COVIDx_CT-3A.txt, "
+        "val_COVIDx_CT-3A.txt, test_COVIDx_CT-3A.txt (CT-3A); train_COVIDx_CT-2A.txt, "
+        "val_COVIDx_CT-2A.txt, test_COVIDx_CT-2A.txt (CT-2A)"
+    )
+
+
 @pytest.fixture
 def export(tmp_path) -> Path:
     """A node export bundle: export.json, manifest.csv and images/<Class>/*.png."""
-    root = tmp_path / "export-2024-05-01"
+    return write_export(
+        tmp_path / "export-2024-05-01",
+        [("Covid_19", "a1f3"), ("Covid_19", "a1f3"), ("Normal", "b2e4"), ("Pneumonia", "c3d5")],
+    )
+
+
+def write_export(root: Path, images: list[tuple[str, str]]) -> Path:
+    """An export bundle of one image per ``(label, patient pseudonym)``."""
     rows = [MANIFEST_HEADER]
-    for i, (label, patient) in enumerate(
-        [("Covid_19", "a1f3"), ("Covid_19", "a1f3"), ("Normal", "b2e4"), ("Pneumonia", "c3d5")]
-    ):
+    for i, (label, patient) in enumerate(images):
         path = f"images/{label}/{patient}{i:02d}.png"
         write_png(root / path, value=30 * i)
         rows.append(
             f"{path},{label},covid-{i},{patient},st{patient},se{patient},in{i},{i},-600,1500,node"
         )
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    info = {"format": "ainode-export/1", "counts": {"Covid_19": 2, "Normal": 1, "Pneumonia": 1}}
+    counts = {label: sum(1 for found, _ in images if found == label) for label in CLASSES}
+    info = {"format": "ainode-export/1", "counts": counts}
     (root / "export.json").write_text(json.dumps(info, indent=2))
     return root
 
@@ -432,3 +661,141 @@ def test_split_counts_cover_every_split_and_class():
 def test_split_by_patient_refuses_impossible_fractions(val, test):
     with pytest.raises(ValueError, match="must be fractions that leave some train"):
         split_by_patient(synthetic_samples(5), val=val, test=test)
+
+
+def write_keys(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_patient_keys_file_allows_comments_and_blank_lines(tmp_path):
+    keys = write_keys(
+        tmp_path / "holdout.txt",
+        "# COVID-CT-MD patients of COVIDx CT-3A\n\nCOVIDCTMD-P055\n  COVIDCTMD-cap004  # CAP\n"
+        "COVIDCTMD-P055\n",
+    )
+    assert read_patient_keys(keys) == {"COVIDCTMD-P055", "COVIDCTMD-cap004"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "holdout.txt: missing (patient keys to exclude, one per line)"),
+        (
+            "COVIDCTMD-P055 COVIDCTMD-P056\n",
+            "holdout.txt:1: 'COVIDCTMD-P055 COVIDCTMD-P056' is not",
+        ),
+        ("# nothing yet\n\n", "holdout.txt: no patient keys (one per line; '#' starts a comment)"),
+        (b"\xff\xfeC\x00", "holdout.txt: not a UTF-8 text file of patient keys"),
+    ],
+)
+def test_patient_keys_file_refuses_bad_content(tmp_path, content, message):
+    path = tmp_path / "holdout.txt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        read_patient_keys(path)
+
+
+def test_exclude_patients_keeps_every_other_image_in_order():
+    samples = synthetic_samples(20)
+    chosen = {"p3", "p7", "nobody"}
+    kept, excluded = exclude_patients(samples, chosen)
+
+    assert kept == [s for s in samples if s.patient not in chosen]
+    assert {s.patient for s in excluded} == {"p3", "p7"}
+    assert len(kept) + len(excluded) == len(samples)
+
+
+def test_exclude_patients_refuses_to_exclude_everything():
+    samples = synthetic_samples(2)
+    with pytest.raises(ValueError) as raised:
+        exclude_patients(samples, {"p0", "p1", "p9"})
+    assert str(raised.value) == (
+        f"excluding 3 patient key(s) leaves no images: all {len(samples)} image(s) of "
+        "2 patient(s) are excluded"
+    )
+
+
+def prepare_args(out: Path, *sources: str) -> list[str]:
+    return ["train", "prepare", *sources, "--out", str(out), "--image-size", "32", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "fixture, kind", [("covidx", "covidx-ct-2a"), ("covidx_3a", "covidx-ct-3a")]
+)
+def test_prepare_records_which_covidx_release_it_read(request, tmp_path, fixture, kind):
+    folder = request.getfixturevalue(fixture)
+    assert main(prepare_args(tmp_path / "run", "--covidx", str(folder))) == 0
+    info = json.loads((tmp_path / "run" / "prepare.json").read_text())
+    assert [(s["kind"], s["images"]) for s in info["sources"]] == [(kind, len(read_covidx(folder)))]
+
+
+def test_prepare_keeps_listed_patients_out_of_every_split(covidx_3a, tmp_path, capsys):
+    # As the README says: the COVID-CT-MD patient ids from COVIDx's own metadata.csv.
+    ctmd = [row.split(",")[0] for row in COVIDX_3A_METADATA if ",COVID-CT-MD," in row]
+    keys = write_keys(tmp_path / "covid-ct-md.txt", "\n".join([*ctmd, "COVIDCTMD-P999"]) + "\n")
+    run = tmp_path / "run"
+
+    args = prepare_args(run, "--covidx", str(covidx_3a), "--exclude-patients", str(keys))
+    assert main(args) == 0
+
+    assert "excluded 3 image(s) of 3 patient(s); 1 of 4 listed key(s) matched no image" in (
+        capsys.readouterr().out
+    )
+    prepared = read_samples(run / "samples.csv")
+    assert not [s for s in prepared if s.patient.startswith("COVIDCTMD-")]
+    assert len(prepared) == len(read_covidx(covidx_3a)) - 3
+    info = json.loads((run / "prepare.json").read_text())
+    assert info["sources"][-1] == {
+        "kind": "excluded-patients",
+        "files": [{"name": "covid-ct-md.txt", "sha256": sha256_of(keys)}],
+        "exports": [],
+        "keys": 4,
+        "patients": 3,
+        "images": 3,
+    }
+
+
+def test_prepare_keeps_the_patients_of_an_export_out(covidx_3a, tmp_path, capsys):
+    site = write_export(
+        tmp_path / "site",
+        [("Covid_19", "a1f3"), ("Normal", "b2e4"), ("Normal", "b2e4"), ("Pneumonia", "c3d5")],
+    )
+    holdout = write_export(tmp_path / "holdout", [("Covid_19", "a1f3"), ("Normal", "f00d")])
+    run = tmp_path / "run"
+
+    sources = ["--covidx", str(covidx_3a), "--export", str(site), "--exclude-export", str(holdout)]
+    assert main(prepare_args(run, *sources)) == 0
+
+    assert "excluded 1 image(s) of 1 patient(s); 1 of 2 listed key(s) matched no image" in (
+        capsys.readouterr().out
+    )
+    prepared = {s.patient for s in read_samples(run / "samples.csv")}
+    assert {"b2e4", "c3d5"} <= prepared and "a1f3" not in prepared
+    record = json.loads((run / "prepare.json").read_text())["sources"][-1]
+    assert (record["exports"], record["patients"], record["images"]) == (["holdout"], 1, 1)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--exclude-patients", "{tmp}/absent.txt"], "absent.txt: missing (patient keys to"),
+        (["--exclude-export", "{tmp}/absent"], "absent/export.json: missing"),
+        (["--covidx-variant", "2A"], "train_COVIDx_CT-2A.txt: missing (COVIDx train split file)"),
+        (
+            ["--exclude-patients", "{tmp}/all.txt"],
+            "leaves no images: all {images} image(s) of {patients} patient(s)",
+        ),
+    ],
+)
+def test_prepare_refuses_bad_exclusions_and_variants(covidx_3a, tmp_path, capsys, extra, message):
+    samples = read_covidx(covidx_3a)
+    patients = {s.patient for s in samples}
+    write_keys(tmp_path / "all.txt", "\n".join(sorted(patients)) + "\n")
+    args = prepare_args(tmp_path / "run", "--covidx", str(covidx_3a))
+    assert main(args + [part.format(tmp=tmp_path) for part in extra]) == 2
+    assert message.format(images=len(samples), patients=len(patients)) in capsys.readouterr().err
+    assert not (tmp_path / "run" / "prepare.json").exists()

@@ -35,10 +35,9 @@ from training.evaluate import (
     confusion_matrix,
     expected_calibration_error,
     reliability_bins,
-    reliability_figure,
-    save_figure,
     study_level,
 )
+from training.evaluation_report import reliability_figure, save_figure
 
 _FLOOR = 1e-12
 FIGURES = {"slice": "reliability_slices.png", "study": "reliability_studies.png"}

@@ -52,8 +52,32 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="new run folder")
     parser.add_argument("--export", type=Path, action="append", default=[], help="node export")
     parser.add_argument("--folders", type=Path, action="append", default=[], help="class folders")
-    parser.add_argument("--covidx", type=Path, action="append", default=[], help="COVIDx CT-2")
+    parser.add_argument(
+        "--covidx", type=Path, action="append", default=[], help="COVIDx CT-2A or CT-3A folder"
+    )
+    parser.add_argument(
+        "--covidx-variant",
+        choices=["auto", "2A", "3A"],
+        default="auto",
+        help="COVIDx release; auto: from the split files in the folder",
+    )
     parser.add_argument("--patient-pattern", help="regex whose group is the patient in a file name")
+    parser.add_argument(
+        "--exclude-patients",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="text file of patient keys (one per line) kept out of every split",
+    )
+    parser.add_argument(
+        "--exclude-export",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="node export whose patients are kept out of every split",
+    )
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=2000, help="images per super-batch")
     parser.add_argument("--val", type=float, default=0.15, help="validation share of patients")
@@ -97,6 +121,11 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--online-augment", action="store_true", help="also perturb every training batch"
     )
+    parser.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="recompute the frozen backbone every pass instead of caching its output",
+    )
     parser.add_argument("--batchnorm-momentum", type=float)
     parser.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
     parser.add_argument(
@@ -123,7 +152,7 @@ def cmd_train(settings, args: argparse.Namespace) -> int:
 
 def _samples(args: argparse.Namespace) -> tuple[list, list[dict]]:
     """Every source's samples and what the run records about the sources."""
-    from training import datasets
+    from training import covidx, datasets
 
     samples, sources = [], []
     for folder in args.export:
@@ -143,12 +172,46 @@ def _samples(args: argparse.Namespace) -> tuple[list, list[dict]]:
         sources.append({"kind": "class-folders", "name": folder.name, "images": len(found)})
         samples += found
     for folder in args.covidx:
-        found = datasets.read_covidx(folder, use_box=not args.no_crop)
-        sources.append({"kind": "covidx-ct-2", "name": folder.name, "images": len(found)})
+        variant = covidx.covidx_variant(folder, args.covidx_variant)
+        found = covidx.read_covidx(folder, use_box=not args.no_crop, variant=variant)
+        kind = f"covidx-ct-{variant.lower()}"
+        sources.append({"kind": kind, "name": folder.name, "images": len(found)})
         samples += found
     if not samples:
         raise ValueError("no images: give at least one --export, --folders or --covidx")
+    if args.exclude_patients or args.exclude_export:
+        samples, excluded = _exclude(args, samples)
+        sources.append(excluded)
     return samples, sources
+
+
+def _exclude(args: argparse.Namespace, samples: list) -> tuple[list, dict]:
+    """The samples without the patients of ``--exclude-patients`` / ``--exclude-export``, and
+    what the run records about them."""
+    from training import datasets
+    from training.samples import sha256_of
+    from training.splits import exclude_patients
+
+    keys: set[str] = set()
+    for path in args.exclude_patients:
+        keys |= datasets.read_patient_keys(path)
+    for folder in args.exclude_export:
+        keys |= {s.patient for s in datasets.read_export(folder)}
+    kept, excluded = exclude_patients(samples, keys)
+    patients = {s.patient for s in excluded}
+    record = {
+        "kind": "excluded-patients",
+        "files": [{"name": p.name, "sha256": sha256_of(p)} for p in args.exclude_patients],
+        "exports": [folder.name for folder in args.exclude_export],
+        "keys": len(keys),
+        "patients": len(patients),
+        "images": len(excluded),
+    }
+    print(
+        f"excluded {len(excluded)} image(s) of {len(patients)} patient(s); "
+        f"{len(keys - patients)} of {len(keys)} listed key(s) matched no image"
+    )
+    return kept, record
 
 
 def _prepare(settings, args: argparse.Namespace) -> int:
@@ -196,6 +259,7 @@ def _fit(settings, args: argparse.Namespace) -> int:
         fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_lr=args.fine_tune_lr,
         online_augment=args.online_augment,
+        feature_cache=not args.no_feature_cache,
         batchnorm_momentum=args.batchnorm_momentum,
         mixed_precision=args.mixed_precision,
         strategy=args.strategy,
@@ -220,6 +284,7 @@ def _fit(settings, args: argparse.Namespace) -> int:
 
 
 def _evaluate(settings, args: argparse.Namespace) -> int:
+    from training.evaluation_report import summary_text
     from training.scoring import evaluate_run
 
     with tqdm(unit="img", disable=False, desc="evaluate") as bar:
@@ -231,12 +296,7 @@ def _evaluate(settings, args: argparse.Namespace) -> int:
             bar.update,
             target_sensitivity=args.target_sensitivity,
         )
-    slice_, study = result["slice"], result["study"]
-    print(
-        f"{args.split}: slice accuracy {slice_['accuracy']:.3f} ({slice_['n']} slices), "
-        f"study accuracy {study['accuracy']:.3f} ({study['n']} studies), "
-        f"COVID sensitivity {slice_['covid_sensitivity']}, PPV {slice_['covid_ppv']}"
-    )
+    print(summary_text(result))
     for path in files:
         print(f"wrote {path}")
     return 0

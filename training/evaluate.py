@@ -1,22 +1,19 @@
-"""Evaluation of a classifier: slice- and study-level metrics and the report files."""
+"""Evaluation of a classifier: slice-, study- and patient-level metrics and calibration bins.
+
+The report files written from these metrics live in :mod:`training.evaluation_report`.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from node import atomic
 from node.analysis.result import CLASSES, aggregate
+from training.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_intervals
 
 COVID_CLASS = "Covid_19"
-HISTORY_METRICS = ("accuracy", "loss")
+SPLIT_UNITS = ("patient", "image")
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -185,15 +182,101 @@ def evaluate_predictions(
     study_keys: Sequence[str],
     classes: Sequence[str] = CLASSES,
     rule: str = "top-mean",
+    patient_keys: Sequence[str] | None = None,
+    split_by: str | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
 ) -> dict:
-    """Slice- and study-level metrics: ``{"slice", "study", "rule", "counts"}``."""
-    study_true, study_probs, keys = study_level(y_true, probs, study_keys, rule, classes)
+    """Slice-, study- and patient-level metrics with 95 % bootstrap intervals over patients.
+
+    Parameters
+    ----------
+    y_true, probs, classes
+        As for :func:`classification_metrics`, one row per slice.
+    study_keys, patient_keys
+        The study and the patient of each slice; a study belongs to one patient. Without
+        ``patient_keys`` each study is taken as its own patient.
+    rule
+        How a study's (and a patient's) slices are aggregated, as the node does.
+    split_by
+        ``"patient"`` or ``"image"``: how the data was split into train/val/test. By default
+        ``"image"`` when every slice is its own patient (no two slices share a patient key,
+        as with class folders read without a patient pattern), else ``"patient"``.
+    resamples, seed
+        Of the bootstrap (:func:`training.bootstrap.bootstrap_intervals`).
+
+    Returns
+    -------
+    dict
+        ``slice``, ``study`` and ``patient`` (:func:`classification_metrics` each), ``rule``,
+        ``split_by``, ``counts`` (slices, studies, patients, patient_cases) and ``intervals``
+        (accuracy, macro F1, COVID-19 sensitivity and PPV at each level with their 95 %
+        percentile interval over ``resamples`` draws of patients with replacement, each
+        draw taking all of a patient's slices and studies).
+
+    The patient level counts one case per patient *and true class*: a patient's slices of one
+    class are aggregated with ``rule`` like a study's, so a patient with a COVID-19 study and
+    a normal study is one COVID-19 case and one normal case, each judged on its own slices.
+    One label per patient would need a rule for which finding wins, and the node answers per
+    study; the bootstrap still draws the patient, so both cases always travel together.
+    """
+    classes = tuple(classes)
+    labels, scores = _check_inputs(y_true, probs, classes)
+    study_true, study_probs, studies = study_level(labels, scores, study_keys, rule, classes)
+    study_keys = [str(k) for k in study_keys]
+    patients = study_keys if patient_keys is None else [str(k) for k in patient_keys]
+    if len(patients) != len(labels):
+        raise ValueError(f"patient_keys has {len(patients)} entries for {len(labels)} slices")
+    names, patient = np.unique(patients, return_inverse=True)
+    if split_by is None:
+        split_by = "image" if len(names) == len(labels) else "patient"
+    elif split_by not in SPLIT_UNITS:
+        raise ValueError(f"split_by must be one of {', '.join(SPLIT_UNITS)}, got {split_by!r}")
+    study_patient = _patient_of_each_study(study_keys, patient, names, studies)
+    # A case is a (patient, true class) pair, keyed by one integer so study_level can group it.
+    case_keys = [str(k) for k in patient * len(classes) + labels]
+    case_true, case_probs, cases = study_level(labels, scores, case_keys, rule, classes)
+    case_patient = np.array([int(k) // len(classes) for k in cases], dtype=np.int64)
+    intervals = bootstrap_intervals(
+        {
+            "slice": (labels, scores.argmax(axis=1), patient),
+            "study": (study_true, study_probs.argmax(axis=1), study_patient),
+            "patient": (case_true, case_probs.argmax(axis=1), case_patient),
+        },
+        len(names),
+        len(classes),
+        classes.index(COVID_CLASS) if COVID_CLASS in classes else None,
+        resamples,
+        seed,
+    )
     return {
-        "slice": classification_metrics(y_true, probs, classes),
+        "slice": classification_metrics(labels, scores, classes),
         "study": classification_metrics(study_true, study_probs, classes),
+        "patient": classification_metrics(case_true, case_probs, classes),
         "rule": rule,
-        "counts": {"slices": int(len(study_keys)), "studies": len(keys)},
+        "split_by": split_by,
+        "counts": {
+            "slices": int(len(labels)),
+            "studies": len(studies),
+            "patients": len(names),
+            "patient_cases": len(cases),
+        },
+        "intervals": {**intervals, "unit": split_by},
     }
+
+
+def _patient_of_each_study(
+    study_keys: list[str], patient: np.ndarray, names: np.ndarray, studies: list[str]
+) -> np.ndarray:
+    """The patient index of each of ``studies``; a study of two patients is a ValueError."""
+    owner: dict[str, int] = {}
+    for key, index in zip(study_keys, patient.tolist(), strict=True):
+        if owner.setdefault(key, index) != index:
+            raise ValueError(
+                f"study {key!r} has slices of two patients: "
+                f"{str(names[owner[key]])!r} and {str(names[index])!r}"
+            )
+    return np.array([owner[key] for key in studies], dtype=np.int64)
 
 
 # ---------------------------------------------------------------- calibration
@@ -230,249 +313,3 @@ def expected_calibration_error(y_true, probs, bins: int = CALIBRATION_BINS) -> f
     found = reliability_bins(y_true, probs, bins)
     total = sum(b["count"] for b in found)
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in found) / total)
-
-
-def reliability_figure(curves: dict[str, list[dict]], title: str) -> Figure:
-    """Accuracy against confidence per bin for each labelled curve (``reliability_bins``),
-    the diagonal being perfect calibration; bin counts below."""
-    figure = Figure(figsize=(5.5, 6.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes, counts = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    width = 1.0 / CALIBRATION_BINS / (len(curves) + 1)
-    for position, (label, found) in enumerate(curves.items()):
-        confidence = [b["confidence"] for b in found]
-        axes.plot(confidence, [b["accuracy"] for b in found], marker="o", label=label)
-        centres = np.array([b["low"] for b in found]) + width * (position + 0.5)
-        counts.bar(centres, [b["count"] for b in found], width=width, label=label)
-    axes.set(ylabel="accuracy (fraction correct)", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
-    counts.set(xlabel="confidence (probability of the predicted class)", ylabel="count")
-    counts.set_yscale("symlog")
-    return figure
-
-
-# ---------------------------------------------------------------- report writers
-
-
-def _number(value: float | None) -> str:
-    """A metric as the report shows it (four decimals; ``n/a`` when undefined)."""
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _markdown_level(metrics: dict, heading: str) -> list[str]:
-    """Markdown section of one level: metric table, headline numbers, confusion matrix."""
-    lines = [f"## {heading}", "", "| class | precision | recall | F1-score | support | AUC |"]
-    lines.append("|---|---:|---:|---:|---:|---:|")
-    for name, row in metrics["per_class"].items():
-        cells = [_number(row[k]) for k in ("precision", "recall", "f1")]
-        lines.append(f"| {name} | {' | '.join(cells)} | {row['support']} | {_number(row['auc'])} |")
-    n = metrics["n"]
-    lines.append(f"| accuracy | | | {_number(metrics['accuracy'])} | {n} | |")
-    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
-        cells = [_number(metrics[key][k]) for k in ("precision", "recall", "f1")]
-        auc = _number(metrics["macro_auc"]) if key == "macro_avg" else ""
-        lines.append(f"| {label} | {' | '.join(cells)} | {n} | {auc} |")
-    lines += [
-        "",
-        f"- Accuracy: {_number(metrics['accuracy'])}",
-        f"- COVID-19 sensitivity: {_number(metrics['covid_sensitivity'])}",
-        f"- COVID-19 PPV: {_number(metrics['covid_ppv'])}",
-        f"- Macro ROC AUC: {_number(metrics['macro_auc'])}",
-        "",
-        "Confusion matrix (rows: true class, columns: predicted class):",
-        "",
-        "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
-        "|---|" + "---:|" * len(metrics["classes"]),
-    ]
-    for name, counts in zip(metrics["classes"], metrics["confusion_matrix"], strict=True):
-        lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
-    return lines + [""]
-
-
-def report_markdown(result: dict, title: str = "Evaluation") -> str:
-    """The Markdown report of an ``evaluate_predictions`` result."""
-    counts = result["counts"]
-    lines = [
-        f"# {title}",
-        "",
-        f"{counts['slices']} slices from {counts['studies']} studies; study probabilities "
-        f"aggregated with the node's `{result['rule']}` rule.",
-        "",
-    ]
-    lines += _markdown_level(result["slice"], "Slice level")
-    lines += _markdown_level(result["study"], f"Study level ({result['rule']})")
-    calibration = (result.get("trust_report") or {}).get("calibration")
-    if calibration:
-        lines += _markdown_calibration(calibration)
-    return "\n".join(lines)
-
-
-def _markdown_calibration(report: dict) -> list[str]:
-    """Markdown of the calibration and operating-point report (training.calibration)."""
-    lines = ["## Calibration (temperature scaling, fitted on the validation split)", ""]
-    if report.get("not_fitted"):
-        return lines + [f"Not fitted: {report['not_fitted']}", ""]
-    lines += [
-        "Expected calibration error (ECE, 15 bins; lower is better) before → after:",
-        "",
-        "| level | temperature | validation ECE | test ECE | test n |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for level in ("slice", "study"):
-        part = report.get(level)
-        if not part:
-            continue
-        val, test = part["validation"], part.get("test") or {}
-        cells = [
-            f"{part['temperature']:.3f}",
-            f"{_number(val['ece_before'])} → {_number(val['ece_after'])}",
-            f"{_number(test.get('ece_before'))} → {_number(test.get('ece_after'))}",
-            str(test.get("n", "")),
-        ]
-        lines.append(f"| {level} | " + " | ".join(cells) + " |")
-    lines += ["", "Reliability diagrams: " + ", ".join(report.get("figures", [])), ""]
-    point = report.get("operating_point")
-    if point:
-        val, test = point["validation"], point["test"]
-        lines += [
-            f"### Operating point ({point['class']}, {point['rule']} studies)",
-            "",
-            f"- Threshold on the calibrated study probability: {point['threshold']:.4f}, chosen "
-            f"on {val['studies']} validation studies for a sensitivity of at least "
-            f"{point['target_sensitivity']:.2f}",
-            f"- Validation: sensitivity {_number(val['sensitivity'])}, specificity "
-            f"{_number(val['specificity'])}",
-            f"- Test ({test['studies']} studies): sensitivity {_number(test['sensitivity'])} "
-            f"({test['true_positives']}/{test['positives']}), specificity "
-            f"{_number(test['specificity'])} ({test['true_negatives']}/{test['negatives']}), "
-            f"PPV {_number(test['ppv'])} ({test['true_positives']}/"
-            f"{test['true_positives'] + test['false_positives']})",
-            "",
-        ]
-    elif report.get("operating_point_not_fitted"):
-        lines += [f"Operating point not fitted: {report['operating_point_not_fitted']}", ""]
-    served = report.get("served_test")
-    if served:
-        lines += [
-            "### Test studies as the node answers them (calibrated, operating point)",
-            "",
-            f"- Accuracy: {_number(served['accuracy'])} of {served['n']} studies",
-            "",
-            "| true \\ answered | " + " | ".join(served["classes"]) + " |",
-            "|---|" + "---:|" * len(served["classes"]),
-        ]
-        for name, counts in zip(served["classes"], served["confusion_matrix"], strict=True):
-            lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
-        lines.append("")
-    return lines
-
-
-def _confusion_figure(metrics: dict, title: str) -> Figure:
-    """A confusion-matrix heat map with the counts written in each cell."""
-    matrix = np.asarray(metrics["confusion_matrix"])
-    classes = metrics["classes"]
-    figure = Figure(figsize=(5.5, 4.8), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
-    figure.colorbar(image, ax=axes)
-    ticks = np.arange(len(classes))
-    axes.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes)
-    axes.set(xlabel="Predicted class", ylabel="True class", title=title)
-    threshold = matrix.max() / 2.0
-    for (row, column), count in np.ndenumerate(matrix):
-        colour = "white" if count > threshold else "black"
-        axes.text(column, row, str(count), ha="center", va="center", color=colour)
-    return figure
-
-
-def read_history(history_csv: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a CSVLogger-style history as float arrays (blank cells as NaN)."""
-    with open(history_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ValueError(f"history {os.fspath(history_csv)!r} has no rows")
-
-    def value(text: str | None) -> float:
-        try:
-            return float(text) if text not in (None, "") else np.nan
-        except ValueError:
-            return np.nan
-
-    return {name: np.array([value(r.get(name)) for r in rows]) for name in rows[0]}
-
-
-def _history_figure(history: dict[str, np.ndarray], source: str) -> Figure:
-    """Accuracy and loss (train and validation) across the epochs of all shards."""
-    metrics = [m for m in HISTORY_METRICS if m in history or f"val_{m}" in history]
-    if not metrics:
-        raise ValueError(f"history {source!r} has none of the columns {HISTORY_METRICS}")
-    length = len(next(iter(history.values())))
-    epochs = history.get("epoch")
-    # Epochs restart when each shard is fitted separately: plot the running count then.
-    if epochs is None or np.isnan(epochs).any() or np.any(np.diff(epochs) <= 0):
-        x, x_label = np.arange(1, length + 1, dtype=np.float64), "epoch (all shards, in order)"
-    else:
-        x, x_label = epochs + 1, "epoch"  # Keras counts epochs from 0
-    figure = Figure(figsize=(6.0 * len(metrics), 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    for position, metric in enumerate(metrics, start=1):
-        axes = figure.add_subplot(1, len(metrics), position)
-        for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            if column in history:
-                axes.plot(x, history[column], marker=".", label=label)
-        shards = history.get("shard")
-        if shards is not None:
-            for boundary in np.flatnonzero(np.diff(shards) != 0):
-                axes.axvline(x[boundary] + 0.5, color="grey", linewidth=0.6, linestyle=":")
-        axes.set(xlabel=x_label, ylabel=metric, title=f"{metric.capitalize()} across epochs")
-        axes.grid(alpha=0.3)
-        axes.legend()
-    return figure
-
-
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Write a figure as PNG atomically."""
-    atomic.write_with(path, lambda tmp: figure.savefig(tmp, format="png"))
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write a UTF-8 text file atomically."""
-    atomic.write_text(path, text)
-    return path
-
-
-def write_report(
-    result: dict,
-    folder: str | os.PathLike,
-    history_csv: str | os.PathLike | None = None,
-    title: str = "Evaluation",
-) -> list[Path]:
-    """Write the evaluation report files into ``folder``; return their paths.
-
-    Writes ``evaluation.json``, ``evaluation.md``, ``confusion_matrix.png`` (slices),
-    ``confusion_matrix_study.png`` and, when ``history_csv`` is given, ``history.png``
-    (accuracy and loss, train and validation, across epochs).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    paths = [
-        _write_text(folder / "evaluation.json", text),
-        _write_text(folder / "evaluation.md", report_markdown(result, title)),
-        save_figure(
-            _confusion_figure(result["slice"], "Slice level"), folder / "confusion_matrix.png"
-        ),
-        save_figure(
-            _confusion_figure(result["study"], f"Study level ({result['rule']})"),
-            folder / "confusion_matrix_study.png",
-        ),
-    ]
-    if history_csv is not None:
-        history = read_history(history_csv)
-        figure = _history_figure(history, os.fspath(history_csv))
-        paths.append(save_figure(figure, folder / "history.png"))
-    return paths

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from tqdm import tqdm
 
 from node import atomic
 from training.augment import AugmentOptions, augment_image
 from training.devices import Devices, resolve_devices
+from training.feature_cache import FeatureCache
 from training.model import HEAD_FILE
 from training.options import FitOptions
 from training.shards import PreparedRun
@@ -46,6 +48,7 @@ FIT_DIR = "fit"
 HEAD_STAGE, FINE_TUNE_STAGE = "head", "fine-tune"
 OPTIONS_FILE, STATE_FILE, SUMMARY_FILE = "options.json", "state.json", "fit.json"
 LAST_MODEL, BEST_MODEL, HISTORY_FILE = "last.keras", "best.keras", "history.csv"
+OPTIMIZER_FILE = "last-optimizer.npz"  # a cached stage's optimizer, beside last.keras
 BACKBONE_WEIGHTS = "backbone.weights.h5"  # extracted when fine-tuning from a trained model
 # Keras' 0.99 leaves a from-scratch model's moving statistics near their initial values after
 # a few hundred steps, so inference (which uses them) collapses to one class.
@@ -57,10 +60,18 @@ class FitError(RuntimeError):
 
 
 def train_batches(
-    run: PreparedRun, batch_size: int, start_epoch: int, seed: int, augment: bool
+    run: PreparedRun,
+    batch_size: int,
+    start_epoch: int,
+    seed: int,
+    augment: bool,
+    cache: FeatureCache | None = None,
 ) -> tuple[Iterator, int]:
     """An endless stream of training batches, shard ``epoch % shards`` for each epoch, and the
-    batches per epoch (every epoch yields as many, the smaller shards wrapping around)."""
+    batches per epoch (every epoch yields as many, the smaller shards wrapping around).
+
+    With a ``cache`` the batches are the shards' cached activations (float32), in the same
+    order as the images would come."""
     files = run.shard_files("train")
     largest = max(s["images"] for s in run.info["shards"]["train"])
     steps = -(-largest // batch_size)
@@ -69,15 +80,18 @@ def train_batches(
     def stream():
         epoch = start_epoch
         while True:
-            with np.load(files[epoch % len(files)]) as shard:
-                images, labels = shard["images"], shard["labels"]
+            if cache is None:
+                with np.load(files[epoch % len(files)]) as shard:
+                    images, labels = shard["images"], shard["labels"]
+            else:
+                images, labels = cache.load("train", epoch % len(files))
             rng = np.random.default_rng([seed, epoch])
             order = rng.permutation(len(labels))
             for step in range(steps):
                 picks = order[
                     np.arange(step * batch_size, min((step + 1) * batch_size, largest)) % len(order)
                 ]
-                batch = images[picks]
+                batch = images[picks] if cache is None else images[picks].astype(np.float32)
                 if augment:
                     batch = np.stack([augment_image(b[..., 0], rng, options) for b in batch])[
                         ..., None
@@ -105,8 +119,11 @@ def eval_batches(run: PreparedRun, split: str, batch_size: int) -> tuple[Iterato
     return stream(), steps
 
 
-def validation_data(run: PreparedRun, split: str, batch_size: int):
-    """``split`` as a ``tf.data.Dataset``: every iteration is one exact pass, in order.
+def validation_data(
+    run: PreparedRun, split: str, batch_size: int, cache: FeatureCache | None = None
+):
+    """``split`` as a ``tf.data.Dataset``: every iteration is one exact pass, in order (of
+    the cached activations, with a ``cache``).
 
     Keras reads a plain Python generator ahead and replays what it read at the start of each
     validation, so an endless generator would score a shifting, partly repeated subset.
@@ -115,16 +132,27 @@ def validation_data(run: PreparedRun, split: str, batch_size: int):
 
     size = run.info["image_size"]
 
+    def shards():
+        if cache is None:
+            for shard in run.read_shards(split):
+                yield shard["images"], shard["labels"]
+        else:
+            for index in range(len(run.shard_files(split))):
+                yield cache.load(split, index)
+
     def one_pass():
-        for shard in run.read_shards(split):
-            for start in range(0, len(shard["labels"]), batch_size):
+        for images, labels in shards():
+            for start in range(0, len(labels), batch_size):
+                batch = images[start : start + batch_size]
                 yield (
-                    shard["images"][start : start + batch_size],
-                    shard["labels"][start : start + batch_size],
+                    batch if cache is None else batch.astype(np.float32),
+                    labels[start : start + batch_size],
                 )
 
     spec = (
-        tf.TensorSpec((None, size, size, 1), tf.uint8),
+        tf.TensorSpec((None, size, size, 1), tf.uint8)
+        if cache is None
+        else tf.TensorSpec((None, *cache.shape), tf.float32),
         tf.TensorSpec((None,), tf.int64),
     )
     steps = sum(-(-s["images"] // batch_size) for s in run.info["shards"][split])
@@ -170,6 +198,7 @@ def _start_state(folder: Path, options: FitOptions, restart: bool) -> dict:
     """The loop state to start from: fresh, or the saved one when resuming."""
     if restart and folder.exists():
         made = (STATE_FILE, LAST_MODEL, BEST_MODEL, HISTORY_FILE, SUMMARY_FILE, OPTIONS_FILE)
+        made += (OPTIMIZER_FILE,)
         for name in (*made, BACKBONE_WEIGHTS, HEAD_FILE):  # and what the start model gave
             (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,8 +247,11 @@ def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict
                 f"{options.fine_tune_lr:g} for up to {options.fine_tune_epochs} pass(es), "
                 "batch norm kept frozen"
             )
+    notes.append(cache_note(options))
     if state["epoch"] > 0:
-        return keras.models.load_model(folder / LAST_MODEL), notes + state.get("head", [])
+        # a cached stage compiles its own trainer (its optimizer is saved beside last.keras)
+        model = keras.models.load_model(folder / LAST_MODEL, compile=not cache_applies(options))
+        return model, notes + state.get("head", [])
     model = make_model(
         options.backbone,
         input_size=options.input_size,
@@ -238,7 +270,8 @@ def _model(folder: Path, options: FitOptions, state: dict, weights, origin: dict
         momentum = FROM_SCRATCH_BATCHNORM_MOMENTUM
     if momentum is not None:
         set_batchnorm_momentum(model, momentum)
-    _compile(model, options.learning_rate, options)
+    if not cache_applies(options):  # else the stage compiles its trainer (_cached_trainer)
+        _compile(model, options.learning_rate, options)
     return model, notes
 
 
@@ -282,7 +315,8 @@ def _start_fine_tuning(folder: Path, options: FitOptions, state: dict) -> keras.
     start = folder / (BEST_MODEL if (folder / BEST_MODEL).exists() else LAST_MODEL)
     model = keras.models.load_model(start, compile=False)
     blocks = unfreeze_top_blocks(model, options.fine_tune_blocks)
-    _compile(model, options.fine_tune_lr, options)
+    if not cache_applies(options):
+        _compile(model, options.fine_tune_lr, options)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     log.info(
         "fine-tuning %s and the layers after them (%d weights) at %g from %s",
@@ -317,13 +351,81 @@ def _compile(model: keras.Model, learning_rate: float, options: FitOptions) -> N
     )
 
 
+def cache_applies(options: FitOptions) -> bool:
+    """Whether a stage trains on cached activations of its frozen part: a frozen base, and
+    training copies made offline (online augmentation changes every image every pass)."""
+    return options.freeze_base and options.feature_cache and not options.online_augment
+
+
+def cache_note(options: FitOptions) -> str:
+    """What the run's notes say about the feature cache."""
+    if cache_applies(options):
+        return (
+            "the frozen layers run once per training and validation image; each stage trains "
+            "on their cached output (shards/cache/, float16)"
+        )
+    if not options.freeze_base:
+        return "no feature cache: the whole backbone trains, so its output changes every step"
+    if options.online_augment:
+        return "no feature cache: online augmentation changes every image on every pass"
+    return "no feature cache (--no-feature-cache)"
+
+
+def _cached_trainer(run, folder: Path, options: FitOptions, state: dict, model):
+    """The stage's trainer on the cached frozen part, compiled, its optimizer restored when
+    the stage resumes; and the cache (computed once, or read back)."""
+    from training.feature_cache import open_or_build, split_model
+
+    fine_tuning = state.get("stage") == FINE_TUNE_STAGE
+    split = split_model(model, options.fine_tune_blocks if fine_tuning else 0)
+    with tqdm(desc=f"caching {split.cut}", unit="img", disable=not sys.stdout.isatty()) as bar:
+        cache, summary = open_or_build(run, split, options.batch_size, bar.update)
+    state["seconds"] += summary.pop("seconds", summary["build_seconds"])
+    state.setdefault("feature_cache", {})[state.get("stage", HEAD_STAGE)] = summary
+    trainer = split.trainer
+    rate = options.fine_tune_lr if fine_tuning else options.learning_rate
+    _compile(trainer, rate, options)
+    stage_start = state["fine_tune"]["from_epoch"] if fine_tuning else 0
+    if state["epoch"] > stage_start:
+        _restore_optimizer(trainer, folder / OPTIMIZER_FILE, state["epoch"])
+    return trainer, cache
+
+
+def _restore_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
+    """Give ``trainer`` the optimizer state saved with the checkpoint of ``epoch``."""
+    if not path.exists():
+        log.warning("%s: missing; the optimizer starts afresh at shard %d", path.name, epoch)
+        return
+    with np.load(path) as saved:
+        store = {key: saved[key] for key in saved.files if key != "epoch"}
+        saved_epoch = int(saved["epoch"])
+    if saved_epoch != epoch:
+        log.warning(
+            "%s is of shard %d, not %d; the optimizer starts afresh", path.name, saved_epoch, epoch
+        )
+        return
+    trainer.optimizer.build(trainer.trainable_variables)
+    trainer.optimizer.load_own_variables(store)
+
+
+def _save_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
+    store: dict = {}
+    trainer.optimizer.save_own_variables(store)
+    with atomic.atomic_open(path) as handle:
+        np.savez(handle, epoch=epoch, **{k: np.asarray(v) for k, v in store.items()})
+
+
 def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) -> None:
-    """Keras ``fit`` from the state's epoch to ``end_epoch``, one shard per epoch."""
+    """Keras ``fit`` from the state's epoch to ``end_epoch``, one shard per epoch; on the
+    cached activations of the frozen part when the stage allows it (:func:`cache_applies`)."""
     _truncate_history(folder / HISTORY_FILE, state["epoch"])
+    trainer, cache = model, None
+    if cache_applies(options):
+        trainer, cache = _cached_trainer(run, folder, options, state, model)
     train, steps = train_batches(
-        run, options.batch_size, state["epoch"], options.seed, options.online_augment
+        run, options.batch_size, state["epoch"], options.seed, options.online_augment, cache
     )
-    val = validation_data(run, "val", options.batch_size)
+    val = validation_data(run, "val", options.batch_size, cache)
     largest = max(shard["images"] for shard in run.info["shards"]["train"])
     early = ResumableEarlyStopping(
         state, monitor="val_accuracy", mode="max", patience=options.patience
@@ -331,7 +433,8 @@ def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) 
     callbacks = [
         TrainingClock(state),
         keras.callbacks.CSVLogger(str(folder / HISTORY_FILE), append=True),
-        keras.callbacks.ModelCheckpoint(
+        BestModelCheckpoint(
+            model,
             str(folder / BEST_MODEL),
             monitor="val_accuracy",
             mode="max",
@@ -340,9 +443,9 @@ def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) 
         ),
         early,
         *extra,
-        RunCheckpoint(folder, state, early, largest),
+        RunCheckpoint(folder, state, early, largest, model if cache is not None else None),
     ]
-    model.fit(
+    trainer.fit(
         train,
         steps_per_epoch=steps,
         validation_data=val,
@@ -364,6 +467,7 @@ def _finish(folder, options, state, summary_base, run) -> dict:
         "best_epoch": state["best_epoch"],
         "stopped_early": bool(state.get("stopped")),
         "fine_tune": state.get("fine_tune"),
+        "feature_cache": state.get("feature_cache", {}),
         "train_images": run.images("train"),
         "seconds": round(state["seconds"], 1),
         "images_per_second": round(state.get("images_seen", 0) / max(state["seconds"], 1e-9), 2),
@@ -420,17 +524,44 @@ class TrainingClock(keras.callbacks.Callback):
             logs["seconds"] = round(self._state["seconds"], 2)
 
 
-class RunCheckpoint(keras.callbacks.Callback):
-    """After every shard: save the model with its optimizer, then the loop state."""
+class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' ModelCheckpoint that saves the whole classifier, also while a stage trains only
+    its top on cached activations (a trainer that shares the classifier's layers)."""
 
-    def __init__(self, folder: Path, state: dict, early: ResumableEarlyStopping, images: int):
+    def __init__(self, classifier: keras.Model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._classifier = classifier
+
+    def set_model(self, model):
+        super().set_model(self._classifier)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After every shard: save the model with its optimizer, then the loop state.
+
+    With a ``classifier`` (a cached stage: the trained model is its top) the whole classifier
+    is saved, and the trainer's optimizer beside it (:data:`OPTIMIZER_FILE`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        state: dict,
+        early: ResumableEarlyStopping,
+        images: int,
+        classifier: keras.Model | None = None,
+    ):
         super().__init__()
         self._folder, self._state, self._early, self._images = folder, state, early, images
+        self._classifier = classifier
 
     def on_epoch_end(self, epoch, logs=None):
         state = self._state
         state["images_seen"] = state.get("images_seen", 0) + self._images
-        atomic.write_with(self._folder / LAST_MODEL, self.model.save)  # keeps ".keras"
+        if self._classifier is None:
+            atomic.write_with(self._folder / LAST_MODEL, self.model.save)  # keeps ".keras"
+        else:
+            _save_optimizer(self.model, self._folder / OPTIMIZER_FILE, epoch + 1)
+            atomic.write_with(self._folder / LAST_MODEL, self._classifier.save)
         value = (logs or {}).get("val_accuracy")
         if value is not None and (state["best"] is None or value > state["best"]):
             state["best"], state["best_epoch"] = float(value), epoch

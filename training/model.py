@@ -74,10 +74,28 @@ def make_model(
     x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
     base = _backbone(backbone, input_size, weights)
     base.trainable = not freeze_base
+    if freeze_base:
+        _inference_only(base)
     x = base(x, training=False) if freeze_base else base(x)
     x = keras.layers.Dropout(dropout, name="top_dropout")(x)
     outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32", name=HEAD_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"{backbone.lower()}_ct{input_size}")
+
+
+def _inference_only(base: keras.Model) -> None:
+    """Turn off the backbone's stochastic depth (its Dropout layers), for good.
+
+    A frozen base is meant to run in inference mode (the Keras transfer-learning guide calls
+    it with ``training=False``, as :func:`make_model` does), but a Keras 3 functional model
+    called with ``training=True`` passes that on to every layer inside it, whatever the layer
+    was called with, so during ``fit`` the blocks' Dropout would drop paths at random (batch
+    norm stays in inference mode: frozen layers always are). With rate 0 the frozen part gives
+    the same activations every pass, which is also what lets them be cached
+    (:mod:`training.feature_cache`); inference never used them.
+    """
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
 
 
 def _check_arguments(backbone, input_size, classes, weights, freeze_base, dropout) -> None:
@@ -202,6 +220,19 @@ def unfreeze_top_blocks(model: keras.Model, blocks: int) -> list[str]:
     compiled again for the change to take effect.
     """
     base = backbone_of(model)
+    order = _blocks(base, blocks)
+    chosen = set(order[-blocks:])
+    last_block_start = base.layers.index(first_layer_of_block(base, blocks)[1])
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        match = _BLOCK_NAME.match(layer.name)
+        in_top = (match.group(1) in chosen) if match else index > last_block_start
+        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
+    return order[-blocks:]
+
+
+def _blocks(base: keras.Model, blocks: int) -> list[str]:
+    """The backbone's block names, first to last; ``blocks`` must be in 1..their number."""
     order: list[str] = []
     for layer in base.layers:
         match = _BLOCK_NAME.match(layer.name)
@@ -209,16 +240,14 @@ def unfreeze_top_blocks(model: keras.Model, blocks: int) -> list[str]:
             order.append(match.group(1))
     if not 1 <= blocks <= len(order):
         raise ValueError(f"blocks must be in 1..{len(order)} for {base.name}, got {blocks}")
-    chosen = set(order[-blocks:])
-    last_block_start = next(
-        i for i, layer in enumerate(base.layers) if layer.name.startswith(order[-blocks] + "_")
-    )
-    base.trainable = True
-    for index, layer in enumerate(base.layers):
-        match = _BLOCK_NAME.match(layer.name)
-        in_top = (match.group(1) in chosen) if match else index > last_block_start
-        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
-    return order[-blocks:]
+    return order
+
+
+def first_layer_of_block(base: keras.Model, blocks: int) -> tuple[str, keras.layers.Layer]:
+    """The name of the backbone's ``blocks``-th block from the top and its first layer, whose
+    input is where the network divides into the frozen part and the top ``blocks`` blocks."""
+    name = _blocks(base, blocks)[-blocks]
+    return name, next(layer for layer in base.layers if layer.name.startswith(name + "_"))
 
 
 def set_batchnorm_momentum(layer, momentum: float) -> None:

@@ -29,6 +29,9 @@ class FitOptions:
     fine_tune_epochs: int = 5  # passes over all shards in the fine-tuning stage
     fine_tune_lr: float = 1e-5
     online_augment: bool = False  # the seed augmented offline only (balancing copies)
+    # With a frozen base, run the frozen layers once per image and train on their cached
+    # output (training.feature_cache); off only to compare or to save disk.
+    feature_cache: bool = True
     batchnorm_momentum: float | None = None  # None: 0.9 from scratch, Keras' own otherwise
     mixed_precision: str = "auto"  # auto | on | off
     strategy: str = "auto"  # auto | default | mirrored | multiworker

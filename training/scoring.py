@@ -10,9 +10,11 @@ import numpy as np
 
 from node.analysis.result import CLASSES
 from training.calibration import fit_on_validation
-from training.evaluate import evaluate_predictions, write_report
+from training.evaluate import evaluate_predictions
+from training.evaluation_report import write_report
 from training.fit import BEST_MODEL, FIT_DIR, HISTORY_FILE, LAST_MODEL
 from training.ood import fit_ood
+from training.samples import Sample
 from training.shards import PreparedRun
 
 EVALUATION_DIR = "evaluation"
@@ -47,6 +49,12 @@ def predict_split(model, run: PreparedRun, split: str, batch_size: int = 32, pro
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(rows)
 
 
+def split_unit(samples: list[Sample]) -> str:
+    """``"image"`` when every image of the run is its own patient (the data had no patient
+    keys, so the split was by image), else ``"patient"``."""
+    return "image" if len({s.patient for s in samples}) == len(samples) else "patient"
+
+
 def evaluate_run(
     folder: str | os.PathLike,
     checkpoint: str = "best",
@@ -55,8 +63,10 @@ def evaluate_run(
     progress=None,
     target_sensitivity: float = 0.95,
 ) -> tuple[dict, list[Path]]:
-    """Evaluate the fitted model on ``split`` at slice and study level; write the report into
-    ``RUN/evaluation`` and return the result and the files written.
+    """Evaluate the fitted model on ``split`` at slice, study and patient level, with 95 %
+    intervals by bootstrap over the split's patients (over images when the run's data had
+    no patient keys: :func:`split_unit`); write the report into ``RUN/evaluation`` and
+    return the result and the files written.
 
     On the test split it also fits, on the validation split (and the training images for the
     out-of-distribution statistics), what makes the node's answers checkable: calibration,
@@ -71,13 +81,16 @@ def evaluate_run(
     probs, labels, rows = predict_split(model, run, split, progress=progress)
     samples = run.samples()
     studies = [samples[row].study for row in rows]
-    result = evaluate_predictions(labels, probs, studies, CLASSES, rule)
+    patients = [samples[row].patient for row in rows]
+    result = evaluate_predictions(
+        labels, probs, studies, CLASSES, rule, patients, split_by=split_unit(samples)
+    )
     result.update(
         {
             "split": split,
             "model_file": model_file.name,
             "manifest_sha256": run.info["manifest_sha256"],
-            "patients": len({samples[row].patient for row in rows}),
+            "patients": len(set(patients)),
         }
     )
     out = run.folder / EVALUATION_DIR

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Collection
 
 from node.analysis.result import CLASSES
 from training.samples import SPLITS, Sample
@@ -15,6 +16,27 @@ from training.samples import SPLITS, Sample
 
 class LeakError(ValueError):
     """A patient key is in more than one split."""
+
+
+def exclude_patients(
+    samples: list[Sample], keys: Collection[str]
+) -> tuple[list[Sample], list[Sample]]:
+    """``(kept, excluded)``: the samples whose patient key is not in ``keys``, and the rest.
+
+    For patients that must stay out of every split, e.g. those of a public set a model is
+    later evaluated on (COVIDx CT-3 contains COVID-CT-MD). Raises ValueError when nothing is
+    left.
+    """
+    keys = set(keys)
+    kept = [s for s in samples if s.patient not in keys]
+    excluded = [s for s in samples if s.patient in keys]
+    if samples and not kept:
+        patients = len({s.patient for s in excluded})
+        raise ValueError(
+            f"excluding {len(keys)} patient key(s) leaves no images: all {len(samples)} "
+            f"image(s) of {patients} patient(s) are excluded"
+        )
+    return kept, excluded
 
 
 def split_by_patient(

@@ -1,0 +1,193 @@
+"""The frozen part of the classifier computed once per image, so a stage trains only the rest.
+
+With a frozen backbone (the seed's recipe: a new head on a frozen EfficientNet, then its top
+blocks) every pass would recompute the frozen layers for every image, though they give the
+same activations each time when the training copies are made offline. Here the frozen part
+runs once over the training and validation shards and its output is stored beside them::
+
+    shards/cache/<cut>-<key>/train-00000.npy   float16, memory-mapped when read
+    shards/cache/<cut>-<key>/cache.json        written last: its presence means whole
+
+``cut`` is where the network is split: ``pooled`` (the backbone's pooled features; the head
+stage trains the dropout and classification layers on them) or the first fine-tuned block
+(``blocks_14``, ``block7a``; the fine-tuning stage runs the top blocks on the activations at
+their input). ``key`` hashes the frozen layers' weights, the cut, the input size and each
+shard's SHA-256, so a changed backbone or shard never reads a stale cache.
+
+The stage trains a *trainer* model built from the classifier's own layer objects, so the
+classifier's weights are the ones that change and its checkpoints are whole models. Its
+Dropout is the classifier's layer too, with the same random stream: a cached fit gives the
+uncached fit's result up to the float16 rounding of the stored activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from node import atomic
+from training.model import HEAD_LAYER, backbone_of, first_layer_of_block
+from training.samples import sha256_of
+from training.shards import SHARD_DIR, PreparedRun
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+CACHE_INFO = "cache.json"
+POOLED = "pooled"
+CACHED_SPLITS = ("train", "val")
+DROPOUT_LAYER, RGB_LAYER = "top_dropout", "grey_to_rgb"
+
+
+@dataclass(frozen=True)
+class Split:
+    """The classifier cut in two: ``frozen`` (slices → activations) and ``trainer``
+    (activations → probabilities), sharing the classifier's layers."""
+
+    cut: str
+    frozen: keras.Model
+    trainer: keras.Model
+
+
+def split_model(model: keras.Model, blocks: int = 0) -> Split:
+    """Cut ``model`` (made by :func:`training.model.make_model` with a frozen base) before its
+    top ``blocks`` backbone blocks, or after the backbone when ``blocks`` is 0."""
+    base = backbone_of(model)
+    # the RGB tensor the backbone is called on (make_model's last layer before it)
+    before = keras.Model(model.inputs, model.get_layer(RGB_LAYER).output, name="to_rgb")
+    slices = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
+    if blocks == 0:
+        cut, bottom, top = POOLED, base, None
+    else:
+        cut, first = first_layer_of_block(base, blocks)
+        bottom = keras.Model(base.input, first.input, name="frozen_blocks")
+        top = keras.Model(first.input, base.output, name="top_blocks")
+    frozen = keras.Model(slices, bottom(before(slices), training=False), name=f"frozen_{cut}")
+    activations = keras.Input(shape=tuple(frozen.output.shape[1:]), name="activations")
+    x = activations if top is None else top(activations, training=False)
+    x = model.get_layer(DROPOUT_LAYER)(x)
+    outputs = model.get_layer(HEAD_LAYER)(x)
+    return Split(cut, frozen, keras.Model(activations, outputs, name=f"trainer_{cut}"))
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """The frozen part's output for each training and validation shard, on disk."""
+
+    folder: Path
+    info: dict
+
+    def load(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard ``index`` of ``split``: memory-mapped float16 activations, and its labels."""
+        entry = self.info["shards"][split][index]
+        features = np.load(self.folder / entry["file"], mmap_mode="r")
+        return features, np.asarray(entry["labels"], dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The activations of one image."""
+        return tuple(self.info["shape"])
+
+
+def cache_key(split: Split, run: PreparedRun) -> tuple[str, dict[str, str]]:
+    """The cache key of ``split`` on ``run`` and the shard hashes it covers."""
+    digest = hashlib.sha256()
+    for weight in split.frozen.weights:
+        digest.update(weight.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    digest.update(json.dumps([split.cut, split.frozen.get_config()], default=str).encode())
+    shards = {}
+    for name in CACHED_SPLITS:
+        for path in run.shard_files(name):
+            shards[path.name] = sha256_of(path)
+            digest.update(f"{path.name}:{shards[path.name]}".encode())
+    return digest.hexdigest(), shards
+
+
+def open_or_build(
+    run: PreparedRun,
+    split: Split,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[FeatureCache, dict]:
+    """The cache of ``split`` on ``run``: read back when its key matches, else computed (and
+    any stale cache of the same cut removed). Returns it with what the run's notes say."""
+    key, shard_hashes = cache_key(split, run)
+    root = run.folder / SHARD_DIR / CACHE_DIR
+    folder = root / f"{split.cut}-{key[:16]}"
+    info_path = folder / CACHE_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("key") == key:
+            return FeatureCache(folder, info), {"reused": True, "seconds": 0.0, **_summary(info)}
+    started = time.perf_counter()
+    for stale in root.glob(f"{split.cut}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: dict[str, list[dict]] = {}
+    shape = tuple(int(n) for n in split.frozen.output.shape[1:])
+    for name in CACHED_SPLITS:
+        shards[name] = []
+        for path, shard in zip(run.shard_files(name), run.read_shards(name), strict=True):
+            file = path.with_suffix(".npy").name
+            _write_activations(split.frozen, shard["images"], folder / file, batch_size, progress)
+            shards[name].append(
+                {"file": file, "shard": path.name, "labels": shard["labels"].tolist()}
+            )
+    info = {
+        "key": key,
+        "cut": split.cut,
+        "shape": list(shape),
+        "dtype": "float16",
+        "shard_sha256": shard_hashes,
+        "shards": shards,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic.write_text(info_path, json.dumps(info) + "\n")  # last: the cache is whole
+    log.info(
+        "cached %s activations of %d images in %.1f s", split.cut, _images(info), info["seconds"]
+    )
+    return FeatureCache(folder, info), {"reused": False, **_summary(info)}
+
+
+def _write_activations(frozen, images: np.ndarray, path: Path, batch_size: int, progress) -> None:
+    """``frozen`` over ``images`` in batches, into a float16 ``.npy`` written atomically."""
+    shape = (len(images), *(int(n) for n in frozen.output.shape[1:]))
+    partial = path.with_name(path.name + ".partial")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        out[start : start + len(batch)] = frozen.predict_on_batch(batch)
+        if progress is not None:
+            progress(len(batch))
+    out.flush()
+    del out
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _images(info: dict) -> int:
+    return sum(len(entry["labels"]) for entries in info["shards"].values() for entry in entries)
+
+
+def _summary(info: dict) -> dict:
+    """What the fit summary records about a cache."""
+    size = int(np.prod(info["shape"])) * 2
+    return {
+        "cut": info["cut"],
+        "key": info["key"][:16],
+        "images": _images(info),
+        "activation_bytes_per_image": size,
+        "build_seconds": info["seconds"],
+    }
