@@ -96,7 +96,7 @@ def child_prepare(spec: dict) -> dict:
 
 def child_stream(spec: dict) -> dict:
     """Peak RSS of one epoch over every training shard and one validation pass."""
-    from training.fit import eval_batches, train_batches
+    from training.batches import eval_batches, train_batches
     from training.shards import PreparedRun
 
     run = PreparedRun.open(spec["run"])

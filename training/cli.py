@@ -274,6 +274,9 @@ def _fit(settings, args: argparse.Namespace) -> int:
         f"{summary['devices']['policy']}); best val_accuracy {summary['best_val_accuracy']}"
         + (" (stopped early)" if summary["stopped_early"] else "")
     )
+    for stage, cache in summary["feature_cache"].items():
+        how = "read back" if cache["reused"] else f"built in {cache['build_seconds']:.0f} s"
+        print(f"{stage} stage: {cache['images']} images' {cache['cut']} activations cached ({how})")
     if summary["fine_tune"]:
         tuned = summary["fine_tune"]
         print(

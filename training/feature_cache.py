@@ -191,3 +191,30 @@ def _summary(info: dict) -> dict:
         "activation_bytes_per_image": size,
         "build_seconds": info["seconds"],
     }
+
+
+def restore_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
+    """Give ``trainer`` the optimizer state :func:`save_optimizer` saved for ``epoch``; a
+    trainer is rebuilt from the classifier when a cached stage resumes, so its optimizer
+    cannot travel inside ``last.keras``."""
+    if not path.exists():
+        log.warning("%s: missing; the optimizer starts afresh at shard %d", path.name, epoch)
+        return
+    with np.load(path) as saved:
+        store = {key: saved[key] for key in saved.files if key != "epoch"}
+        saved_epoch = int(saved["epoch"])
+    if saved_epoch != epoch:
+        log.warning(
+            "%s is of shard %d, not %d; the optimizer starts afresh", path.name, saved_epoch, epoch
+        )
+        return
+    trainer.optimizer.build(trainer.trainable_variables)
+    trainer.optimizer.load_own_variables(store)
+
+
+def save_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
+    """Save ``trainer``'s optimizer state (Adam's moments, its step count) for ``epoch``."""
+    store: dict = {}
+    trainer.optimizer.save_own_variables(store)
+    with atomic.atomic_open(path) as handle:
+        np.savez(handle, epoch=epoch, **{k: np.asarray(v) for k, v in store.items()})

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,9 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from node import atomic
-from training.augment import AugmentOptions, augment_image
+from training.batches import train_batches, validation_data
 from training.devices import Devices, resolve_devices
-from training.feature_cache import FeatureCache
+from training.feature_cache import restore_optimizer, save_optimizer
 from training.model import HEAD_FILE
 from training.options import FitOptions
 from training.shards import PreparedRun
@@ -57,109 +57,6 @@ FROM_SCRATCH_BATCHNORM_MOMENTUM = 0.9
 
 class FitError(RuntimeError):
     """The run cannot be fitted (inconsistent resume, no training data …)."""
-
-
-def train_batches(
-    run: PreparedRun,
-    batch_size: int,
-    start_epoch: int,
-    seed: int,
-    augment: bool,
-    cache: FeatureCache | None = None,
-) -> tuple[Iterator, int]:
-    """An endless stream of training batches, shard ``epoch % shards`` for each epoch, and the
-    batches per epoch (every epoch yields as many, the smaller shards wrapping around).
-
-    With a ``cache`` the batches are the shards' cached activations (float32), in the same
-    order as the images would come."""
-    files = run.shard_files("train")
-    largest = max(s["images"] for s in run.info["shards"]["train"])
-    steps = -(-largest // batch_size)
-    options = AugmentOptions(**run.info["options"]["augment"])
-
-    def stream():
-        epoch = start_epoch
-        while True:
-            if cache is None:
-                with np.load(files[epoch % len(files)]) as shard:
-                    images, labels = shard["images"], shard["labels"]
-            else:
-                images, labels = cache.load("train", epoch % len(files))
-            rng = np.random.default_rng([seed, epoch])
-            order = rng.permutation(len(labels))
-            for step in range(steps):
-                picks = order[
-                    np.arange(step * batch_size, min((step + 1) * batch_size, largest)) % len(order)
-                ]
-                batch = images[picks] if cache is None else images[picks].astype(np.float32)
-                if augment:
-                    batch = np.stack([augment_image(b[..., 0], rng, options) for b in batch])[
-                        ..., None
-                    ]
-                yield batch, labels[picks]
-            epoch += 1
-
-    return stream(), steps
-
-
-def eval_batches(run: PreparedRun, split: str, batch_size: int) -> tuple[Iterator, int]:
-    """An endless stream cycling through ``split`` in order, and the batches per pass."""
-    sizes = [s["images"] for s in run.info["shards"][split]]
-    steps = sum(-(-n // batch_size) for n in sizes)
-
-    def stream():
-        while True:
-            for shard in run.read_shards(split):
-                for start in range(0, len(shard["labels"]), batch_size):
-                    yield (
-                        shard["images"][start : start + batch_size],
-                        shard["labels"][start : start + batch_size],
-                    )
-
-    return stream(), steps
-
-
-def validation_data(
-    run: PreparedRun, split: str, batch_size: int, cache: FeatureCache | None = None
-):
-    """``split`` as a ``tf.data.Dataset``: every iteration is one exact pass, in order (of
-    the cached activations, with a ``cache``).
-
-    Keras reads a plain Python generator ahead and replays what it read at the start of each
-    validation, so an endless generator would score a shifting, partly repeated subset.
-    """
-    import tensorflow as tf
-
-    size = run.info["image_size"]
-
-    def shards():
-        if cache is None:
-            for shard in run.read_shards(split):
-                yield shard["images"], shard["labels"]
-        else:
-            for index in range(len(run.shard_files(split))):
-                yield cache.load(split, index)
-
-    def one_pass():
-        for images, labels in shards():
-            for start in range(0, len(labels), batch_size):
-                batch = images[start : start + batch_size]
-                yield (
-                    batch if cache is None else batch.astype(np.float32),
-                    labels[start : start + batch_size],
-                )
-
-    spec = (
-        tf.TensorSpec((None, size, size, 1), tf.uint8)
-        if cache is None
-        else tf.TensorSpec((None, *cache.shape), tf.float32),
-        tf.TensorSpec((None,), tf.int64),
-    )
-    steps = sum(-(-s["images"] // batch_size) for s in run.info["shards"][split])
-    dataset = tf.data.Dataset.from_generator(one_pass, output_signature=spec)
-    # Its length, so Keras neither warns that the input "ran out of data" at the end of
-    # every validation nor has to find the end by running into it.
-    return dataset.apply(tf.data.experimental.assert_cardinality(steps))
 
 
 def fit(
@@ -387,32 +284,8 @@ def _cached_trainer(run, folder: Path, options: FitOptions, state: dict, model):
     _compile(trainer, rate, options)
     stage_start = state["fine_tune"]["from_epoch"] if fine_tuning else 0
     if state["epoch"] > stage_start:
-        _restore_optimizer(trainer, folder / OPTIMIZER_FILE, state["epoch"])
+        restore_optimizer(trainer, folder / OPTIMIZER_FILE, state["epoch"])
     return trainer, cache
-
-
-def _restore_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
-    """Give ``trainer`` the optimizer state saved with the checkpoint of ``epoch``."""
-    if not path.exists():
-        log.warning("%s: missing; the optimizer starts afresh at shard %d", path.name, epoch)
-        return
-    with np.load(path) as saved:
-        store = {key: saved[key] for key in saved.files if key != "epoch"}
-        saved_epoch = int(saved["epoch"])
-    if saved_epoch != epoch:
-        log.warning(
-            "%s is of shard %d, not %d; the optimizer starts afresh", path.name, saved_epoch, epoch
-        )
-        return
-    trainer.optimizer.build(trainer.trainable_variables)
-    trainer.optimizer.load_own_variables(store)
-
-
-def _save_optimizer(trainer: keras.Model, path: Path, epoch: int) -> None:
-    store: dict = {}
-    trainer.optimizer.save_own_variables(store)
-    with atomic.atomic_open(path) as handle:
-        np.savez(handle, epoch=epoch, **{k: np.asarray(v) for k, v in store.items()})
 
 
 def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) -> None:
@@ -560,7 +433,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._classifier is None:
             atomic.write_with(self._folder / LAST_MODEL, self.model.save)  # keeps ".keras"
         else:
-            _save_optimizer(self.model, self._folder / OPTIMIZER_FILE, epoch + 1)
+            save_optimizer(self.model, self._folder / OPTIMIZER_FILE, epoch + 1)
             atomic.write_with(self._folder / LAST_MODEL, self._classifier.save)
         value = (logs or {}).get("val_accuracy")
         if value is not None and (state["best"] is None or value > state["best"]):
