@@ -190,14 +190,14 @@ def _loop(run, folder, options, state, model, devices: Devices, base: dict, extr
     summary_base = {**base, "shards": shards}
     if state.get("stage", HEAD_STAGE) == HEAD_STAGE:
         if state["epoch"] < options.epochs * shards and not state.get("stopped"):
-            _fit_stage(run, folder, options, state, model, options.epochs * shards, extra)
+            _fit_stage(run, folder, options, state, model, options.epochs * shards, extra, devices)
         if options.fine_tune_blocks:
             with devices.strategy.scope():
                 model = _start_fine_tuning(folder, options, state)
     if state.get("stage") == FINE_TUNE_STAGE:
         end = state["fine_tune"]["from_epoch"] + options.fine_tune_epochs * shards
         if state["epoch"] < end and not state.get("stopped"):
-            _fit_stage(run, folder, options, state, model, end, extra)
+            _fit_stage(run, folder, options, state, model, end, extra, devices)
     return _finish(folder, options, state, summary_base, run)
 
 
@@ -288,13 +288,14 @@ def _cached_trainer(run, folder: Path, options: FitOptions, state: dict, model):
     return trainer, cache
 
 
-def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list) -> None:
+def _fit_stage(run, folder, options, state, model, end_epoch: int, extra: list, devices) -> None:
     """Keras ``fit`` from the state's epoch to ``end_epoch``, one shard per epoch; on the
     cached activations of the frozen part when the stage allows it (:func:`cache_applies`)."""
     _truncate_history(folder / HISTORY_FILE, state["epoch"])
     trainer, cache = model, None
     if cache_applies(options):
-        trainer, cache = _cached_trainer(run, folder, options, state, model)
+        with devices.strategy.scope():  # the trainer's optimizer variables, as the model's
+            trainer, cache = _cached_trainer(run, folder, options, state, model)
     train, steps = train_batches(
         run, options.batch_size, state["epoch"], options.seed, options.online_augment, cache
     )
