@@ -164,7 +164,9 @@ def bench_backbone(name: str, args, work: Path) -> dict:
         "seed": 0,
     }
     if backbone.startswith("EfficientNetB"):
-        options["weights"] = str(random_backbone_weights(backbone, size, root / "random.weights.h5"))
+        options["weights"] = str(
+            random_backbone_weights(backbone, size, root / "random.weights.h5")
+        )
     results = {}
     for mode, cached in (("uncached", False), ("cached", True)):
         copy = root / f"run-{mode}"
