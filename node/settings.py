@@ -103,7 +103,12 @@ class Settings(BaseSettings):
     # analysis
     broker_url: str | None = None
     model_dir: Path | None = None
-    model_runtime: str = Field("auto", pattern="^(auto|keras|onnx)$")
+    # auto: Keras on a GPU; on a CPU the fastest of ONNX Runtime FP32 and INT8 that passes the
+    # bundle's agreement gate (node.analysis.runtimes), Keras when none does
+    model_runtime: str = Field("auto", pattern="^(auto|keras|onnx|onnx-int8)$")
+    # ONNX Runtime intra-op threads per worker; 0: the CPUs this process may use divided among
+    # the host's model-serving `ainode worker` processes (node.analysis.threads)
+    model_threads: int = Field(0, ge=0)
     mixed_precision: bool = False
     window_center: float = -600.0
     window_width: float = Field(1500.0, gt=0)

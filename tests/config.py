@@ -37,5 +37,6 @@ def write_config(settings: Settings, path: Path) -> Path:
 
 def format1(info):
     """``info`` (a ModelInfo) as a bundle of format 1 says it: no calibration, operating
-    point or OOD statistics (what the demo's model.json describes of its own files)."""
-    return info.replace(format_version=1, calibration={}, operating_point={}, ood={})
+    point, OOD statistics or gate data (what the demo's model.json describes of its own
+    files)."""
+    return info.replace(format_version=1, calibration={}, operating_point={}, ood={}, gate={})

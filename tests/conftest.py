@@ -137,7 +137,7 @@ def chest_series(tmp_path_factory) -> tuple[phantom.PhantomSpec, list[Path]]:
 @pytest.fixture(scope="session")
 def format1_bundle_dir(tmp_path_factory) -> Path:
     """The shipped demo bundle as a bundle of format 1 (made before calibration, operating
-    point and OOD statistics existed): the same model, model.json without them."""
+    point, OOD statistics and gate data existed): the same model, model.json without them."""
     import json
     import shutil
 
@@ -147,7 +147,7 @@ def format1_bundle_dir(tmp_path_factory) -> Path:
     folder.mkdir()
     shutil.copy2(DEMO_MODEL_DIR / "model.keras", folder / "model.keras")
     info = json.loads((DEMO_MODEL_DIR / "model.json").read_text(encoding="utf-8"))
-    for key in ("format_version", "calibration", "operating_point", "ood"):
+    for key in ("format_version", "calibration", "operating_point", "ood", "gate"):
         info.pop(key, None)
     (folder / "model.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder

@@ -49,6 +49,9 @@ def test_a_cached_fit_gives_the_uncached_result_in_both_stages(runs):
     assert stages["head"]["cut"] == "pooled" and stages["fine-tune"]["cut"] == "blocks_14"
     assert stages["head"]["activation_bytes_per_image"] == 1280 * 2  # float16 features
     assert not stages["head"]["reused"] and stages["head"]["images"] == 70
+    # The frozen part ran once: the head stage pooled the cached input of the tuned blocks,
+    # which the fine-tuning stage then read back.
+    assert stages["head"]["computed_from"] == "blocks_14" and stages["fine-tune"]["reused"]
     assert any("cached output" in note for note in cached["notes"])
     assert "no feature cache (--no-feature-cache)" in uncached["notes"]
 

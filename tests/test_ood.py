@@ -334,7 +334,7 @@ def test_fit_ood_on_a_prepared_run_makes_statistics_a_bundle_serves(tmp_path):
     old = ModelInfo.from_json(DEMO_MODEL_DIR / INFO_FILE)
     info = old.replace(
         input_size=32, preprocessing_version=imaging.PREPROCESSING_VERSION,
-        format_version=2, ood=entry,
+        format_version=2, ood=entry, gate={},
     )  # fmt: skip
     served = ModelBundle.load(write_bundle(model, info, tmp_path / "bundle", extra_files=files))
     noise = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)

@@ -32,10 +32,11 @@ DEMO_REF = "ainode-demo-phantom:0.4.0"
 
 @pytest.fixture(scope="module", autouse=True)
 def demo_onnx_cached():
-    """The demo's ONNX export made once, so that copies of it activate without exporting."""
+    """The demo's ONNX export, INT8 conversion and agreement gate made once, so that copies
+    of it activate without making them again."""
     from node.analysis.bundle import ModelBundle
 
-    ModelBundle.load(DEMO, runtime="onnx")
+    ModelBundle.load(DEMO, runtime="auto")
 
 
 def add_bundle(settings, name: str, version: str, **fields) -> Path:

@@ -46,7 +46,7 @@ CACHE_DIR = "cache"
 CACHE_INFO = "cache.json"
 POOLED = "pooled"
 CACHED_SPLITS = ("train", "val")
-DROPOUT_LAYER, RGB_LAYER = "top_dropout", "grey_to_rgb"
+DROPOUT_LAYER, RGB_LAYER, RESIZE_LAYER = "top_dropout", "grey_to_rgb", "resize"
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Split:
     cut: str
     frozen: keras.Model
     trainer: keras.Model
+    # the backbone from the cut to its pooled output (None at the pooled cut): what turns this
+    # cut's cached activations into the pooled ones without running the frozen part again
+    top: keras.Model | None = None
+    input_size: int = 0  # the side the classifier resizes slices to
 
 
 def split_model(model: keras.Model, blocks: int = 0) -> Split:
@@ -77,7 +81,8 @@ def split_model(model: keras.Model, blocks: int = 0) -> Split:
     x = activations if top is None else top(activations, training=False)
     x = model.get_layer(DROPOUT_LAYER)(x)
     outputs = model.get_layer(HEAD_LAYER)(x)
-    return Split(cut, frozen, keras.Model(activations, outputs, name=f"trainer_{cut}"))
+    trainer = keras.Model(activations, outputs, name=f"trainer_{cut}")
+    return Split(cut, frozen, trainer, top, int(model.get_layer(RESIZE_LAYER).height))
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ def cache_key(split: Split, run: PreparedRun) -> tuple[str, dict[str, str]]:
     for weight in split.frozen.weights:
         digest.update(weight.path.encode())
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
-    digest.update(json.dumps([split.cut, split.frozen.get_config()], default=str).encode())
+    shape = list(split.frozen.output.shape[1:])
+    digest.update(json.dumps([split.cut, split.input_size, shape]).encode())
     shards = {}
     for name in CACHED_SPLITS:
         for path in run.shard_files(name):
@@ -119,9 +125,15 @@ def open_or_build(
     split: Split,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    source: tuple[FeatureCache, keras.Model] | None = None,
 ) -> tuple[FeatureCache, dict]:
     """The cache of ``split`` on ``run``: read back when its key matches, else computed (and
-    any stale cache of the same cut removed). Returns it with what the run's notes say."""
+    any stale cache of the same cut removed). Returns it with what the run's notes say.
+
+    With a ``source`` (the cache at a lower cut, and the layers from there to this one) the
+    activations are computed from that cache instead of from the images: the head stage of a
+    fit that will fine-tune its top blocks caches their input once and pools it, rather than
+    running the frozen part twice."""
     key, shard_hashes = cache_key(split, run)
     root = run.folder / SHARD_DIR / CACHE_DIR
     folder = root / f"{split.cut}-{key[:16]}"
@@ -129,7 +141,7 @@ def open_or_build(
     if info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if info.get("key") == key:
-            return FeatureCache(folder, info), {"reused": True, "seconds": 0.0, **_summary(info)}
+            return FeatureCache(folder, info), {"reused": True, **_summary(info)}
     started = time.perf_counter()
     for stale in root.glob(f"{split.cut}-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -138,12 +150,16 @@ def open_or_build(
     shape = tuple(int(n) for n in split.frozen.output.shape[1:])
     for name in CACHED_SPLITS:
         shards[name] = []
-        for path, shard in zip(run.shard_files(name), run.read_shards(name), strict=True):
+        for index, path in enumerate(run.shard_files(name)):
             file = path.with_suffix(".npy").name
-            _write_activations(split.frozen, shard["images"], folder / file, batch_size, progress)
-            shards[name].append(
-                {"file": file, "shard": path.name, "labels": shard["labels"].tolist()}
-            )
+            if source is None:
+                with np.load(path) as shard:
+                    inputs, labels = shard["images"], shard["labels"]
+                model = split.frozen
+            else:
+                (inputs, labels), model = source[0].load(name, index), source[1]
+            _write_activations(model, inputs, folder / file, batch_size, progress)
+            shards[name].append({"file": file, "shard": path.name, "labels": labels.tolist()})
     info = {
         "key": key,
         "cut": split.cut,
@@ -152,6 +168,7 @@ def open_or_build(
         "shard_sha256": shard_hashes,
         "shards": shards,
         "seconds": round(time.perf_counter() - started, 2),
+        "computed_from": None if source is None else source[0].info["cut"],
     }
     atomic.write_text(info_path, json.dumps(info) + "\n")  # last: the cache is whole
     log.info(
@@ -160,14 +177,17 @@ def open_or_build(
     return FeatureCache(folder, info), {"reused": False, **_summary(info)}
 
 
-def _write_activations(frozen, images: np.ndarray, path: Path, batch_size: int, progress) -> None:
-    """``frozen`` over ``images`` in batches, into a float16 ``.npy`` written atomically."""
-    shape = (len(images), *(int(n) for n in frozen.output.shape[1:]))
+def _write_activations(model, inputs: np.ndarray, path: Path, batch_size: int, progress) -> None:
+    """``model`` over ``inputs`` (images, or float16 activations of a lower cut) in batches,
+    into a float16 ``.npy`` written atomically."""
+    shape = (len(inputs), *(int(n) for n in model.output.shape[1:]))
     partial = path.with_name(path.name + ".partial")
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        out[start : start + len(batch)] = frozen.predict_on_batch(batch)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        if batch.dtype == np.float16:
+            batch = batch.astype(np.float32)
+        out[start : start + len(batch)] = model.predict_on_batch(batch)
         if progress is not None:
             progress(len(batch))
     out.flush()
@@ -190,6 +210,7 @@ def _summary(info: dict) -> dict:
         "images": _images(info),
         "activation_bytes_per_image": size,
         "build_seconds": info["seconds"],
+        "computed_from": info.get("computed_from"),
     }
 
 

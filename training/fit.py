@@ -275,9 +275,21 @@ def _cached_trainer(run, folder: Path, options: FitOptions, state: dict, model):
 
     fine_tuning = state.get("stage") == FINE_TUNE_STAGE
     split = split_model(model, options.fine_tune_blocks if fine_tuning else 0)
-    with tqdm(desc=f"caching {split.cut}", unit="img", disable=not sys.stdout.isatty()) as bar:
-        cache, summary = open_or_build(run, split, options.batch_size, bar.update)
-    state["seconds"] += summary.pop("seconds", summary["build_seconds"])
+    quiet = not sys.stdout.isatty()
+    with tqdm(desc=f"caching {split.cut}", unit="img", disable=quiet) as bar:
+        source, spent = None, 0.0
+        if options.fine_tune_blocks and not fine_tuning:
+            # the fine-tuning stage will read the activations at its cut: cache them now and
+            # pool them for this stage, so the frozen part runs once for both stages
+            lower = split_model(model, options.fine_tune_blocks)
+            lower_cache, lower_summary = open_or_build(run, lower, options.batch_size, bar.update)
+            source, spent = (lower_cache, lower.top), lower_summary["build_seconds"]
+            if lower_summary["reused"]:
+                spent = 0.0
+        cache, summary = open_or_build(run, split, options.batch_size, bar.update, source)
+    if not summary["reused"]:
+        summary["build_seconds"] = round(summary["build_seconds"] + spent, 2)
+        state["seconds"] += summary["build_seconds"]
     state.setdefault("feature_cache", {})[state.get("stage", HEAD_STAGE)] = summary
     trainer = split.trainer
     rate = options.fine_tune_lr if fine_tuning else options.learning_rate

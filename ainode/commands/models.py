@@ -99,8 +99,9 @@ def _activate(settings: Settings, args: argparse.Namespace) -> int:
         if session is None:
             raise RuntimeError("the node has no database yet: run `ainode db upgrade` first")
         with session.begin():
-            model = activate(settings, session, args.model, args.by or _login())
+            model = activate(settings, session, args.model, args.by or _login(), progress=True)
     print(f"activated {model.ref} ({model.folder})")
+    _print_runtime(model.loaded, settings.model_runtime)
     if settings.model_dir is not None:
         print(
             f"warning: model_dir is set ({settings.model_dir}): it pins the served model, so "
@@ -110,3 +111,23 @@ def _activate(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("workers serve it from their next analysis on")
     return 0
+
+
+def _print_runtime(bundle, asked: str) -> None:
+    """The runtime the workers will serve with, and the agreement gate's figures."""
+    from node.analysis import gate
+
+    options = bundle.session_options
+    threads = f" on {options.intra_op_num_threads} threads" if options is not None else ""
+    print(f"runtime: {bundle.runtime} (model_runtime {asked}), batch {bundle.batch_size}{threads}")
+    for runtime, result in bundle.gate.items():
+        verdict = "passes" if result["passed"] else f"fails ({result['reason']})"
+        figures = gate.describe(result)
+        speed = (
+            f", {result['seconds_per_slice']:.4f} s/slice at batch {result['batch_size']}"
+            if "seconds_per_slice" in result
+            else ""
+        )
+        print(f"  {runtime} {verdict}" + (f": {figures}{speed}" if figures else ""))
+    if not bundle.gate and bundle.runtime != "keras":
+        print("  no agreement gate: the bundle has no gate data (FP32 only)")

@@ -57,7 +57,7 @@ class AnalysisOptions:
     stride: int = 1
     min_lung_fraction: float = 0.05
     rule: str = "top-mean"
-    batch_size: int = 16
+    batch_size: int | None = None  # slices per forward pass; None: the bundle's fastest
     limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
     # the routing's series rules (node.records.routing); None: the largest series
     choose_series: SeriesChooser | None = field(default=None, compare=False)

@@ -4,6 +4,11 @@ A bundle is a folder with ``model.keras`` and ``model.json``. The node refuses a
 preprocessing, classes or input size it does not know before it loads any weights. TensorFlow,
 tf2onnx and onnxruntime are imported only when a bundle is loaded, so the rest of the node
 (web UI, DIMSE services) runs without them.
+
+Beside them the node caches what it derives on this host (never shipped, made again when
+``model.keras`` changes): ``model.onnx`` (the ONNX export), ``model.int8.onnx`` (its INT8
+quantisation, :mod:`node.analysis.quantize`) and ``runtimes.json`` (the agreement gate's
+figures and the timings, :mod:`node.analysis.runtimes`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import (
@@ -33,17 +38,22 @@ from pydantic import (
 )
 
 from node import atomic
-from node.analysis import ood
+from node.analysis import gate_data, ood
 from node.analysis.result import CLASSES, ModelIdentity
+
+if TYPE_CHECKING:
+    from node.analysis.runtimes import OnnxRunner
 
 log = logging.getLogger(__name__)
 
 # Must equal node.analysis.imaging.PREPROCESSING_VERSION (a test checks); a new version of the pixel
 # pipeline means old bundles are refused rather than fed pixels they were not trained on.
 PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
-RUNTIMES = ("auto", "keras", "onnx")
+RUNTIMES = ("auto", "keras", "onnx", "onnx-int8")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
+# what the node derives from a bundle on its host: never carried into a rewritten bundle
+CACHE_FILES = (ONNX_FILE, "model.int8.onnx", "runtimes.json")
 # model.json's format: 1 (no field) = class, probabilities, model identity; 2 adds what makes
 # an answer checkable — calibration, operating point, out-of-distribution statistics. A bundle
 # of format 1 is still served: uncalibrated, the most probable class, no OOD warning.
@@ -146,6 +156,9 @@ class ModelInfo(BaseModel):
     calibration: _JsonObject = Field(default_factory=dict)  # node.analysis.calibration
     operating_point: _JsonObject = Field(default_factory=dict)  # node.analysis.calibration
     ood: _JsonObject = Field(default_factory=dict)  # node.analysis.ood
+    # optional in format 2: the slices faster runtimes are gated on (node.analysis.gate_data);
+    # empty: served by Keras or ONNX Runtime FP32 as before, never INT8
+    gate: _JsonObject = Field(default_factory=dict)
 
     def __init__(self, /, **fields: Any) -> None:
         try:
@@ -207,7 +220,8 @@ def _gpu_visible() -> bool:
 
 
 def _auto_runtime(gpu: bool) -> str:
-    """What ``auto`` serves with: Keras on a GPU, else ONNX Runtime when it can be used."""
+    """What ``auto`` serves with: Keras on a GPU, else ONNX Runtime when it can be used (FP32
+    or INT8, as the agreement gate allows: :mod:`node.analysis.runtimes`)."""
     if gpu:
         return "keras"
     needed = ("onnxruntime", "tf2onnx", "onnx")
@@ -220,9 +234,11 @@ class ModelBundle:
     def __init__(
         self,
         info: ModelInfo,
-        runner: _KerasRunner | _OnnxRunner,
+        runner: _KerasRunner | OnnxRunner,
         folder: Path,
         ood_statistics: ood.OodStatistics | None = None,
+        gate: dict[str, dict] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         if not isinstance(info, ModelInfo):
             raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
@@ -231,11 +247,24 @@ class ModelBundle:
         self._runner = runner
         # the out-of-distribution statistics model.json names (None: the bundle cannot warn)
         self.ood_statistics = ood_statistics
+        # per ONNX Runtime candidate, the agreement gate's figures and its timing on this host
+        # (runtimes.json); empty when no gate ran (Keras asked for, or no gate data)
+        self.gate = dict(gate or {})
+        # slices per forward pass: the fastest measured for the runtime on this host, else 16
+        self.batch_size = batch_size or 16
+        _check_batch_size(self.batch_size)
 
     @property
     def runtime(self) -> str:
-        """``keras`` or ``onnx`` (what ``auto`` chose, for a bundle loaded with it)."""
+        """``keras``, ``onnx`` or ``onnx-int8`` (what ``auto`` chose, for a bundle loaded
+        with it)."""
         return self._runner.runtime
+
+    @property
+    def session_options(self):
+        """The ONNX Runtime session options in use (threads), None on the Keras runtime."""
+        session = getattr(self._runner, "session", None)
+        return session.get_session_options() if session is not None else None
 
     @property
     def model(self):
@@ -266,7 +295,12 @@ class ModelBundle:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, runtime: str = "keras", mixed_precision: bool = False
+        cls,
+        path: str | os.PathLike,
+        runtime: str = "keras",
+        mixed_precision: bool = False,
+        threads: int = 0,
+        progress: bool = False,
     ) -> ModelBundle:
         """Validate ``model.json``, then load ``model.keras`` (or its cached ONNX export).
 
@@ -275,13 +309,23 @@ class ModelBundle:
         path
             The bundle folder.
         runtime
-            ``keras`` (TensorFlow), ``onnx`` (ONNX Runtime; ``model.onnx`` is exported from
-            ``model.keras`` on first use and cached beside it) or ``auto``: Keras where a GPU
-            is visible, ONNX Runtime on a CPU-only host where onnxruntime and tf2onnx are
-            installed (1.5-2x TensorFlow's speed on this kind of CPU, see bench.inference),
-            Keras otherwise or when the export fails (logged).
+            ``keras`` (TensorFlow), ``onnx`` (ONNX Runtime FP32; ``model.onnx`` is exported
+            from ``model.keras`` on first use and cached beside it), ``onnx-int8`` (ONNX
+            Runtime INT8, made from the export with the bundle's calibration slices and
+            cached as ``model.int8.onnx``) or ``auto``: Keras where a GPU is visible, else
+            the fastest ONNX Runtime candidate that passes the agreement gate
+            (:mod:`node.analysis.runtimes`), Keras when none does, when onnxruntime or tf2onnx
+            is missing or when the export fails (logged). A bundle without gate data is served
+            by ONNX Runtime FP32 under ``auto`` and cannot be served by ``onnx-int8``. An ONNX
+            runtime asked for by name that fails the gate is refused (:class:`BundleError`
+            with the figures).
         mixed_precision
             Compute in float16 where a GPU is visible; on a CPU this is logged and ignored.
+        threads
+            ONNX Runtime intra-op threads; 0: this host's CPUs shared among its
+            model-serving workers (:func:`node.analysis.threads.intra_op_threads`).
+        progress
+            Show the conversion, the gate and the timing as a progress bar on stderr.
         """
         if runtime not in RUNTIMES:
             raise BundleError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -299,16 +343,20 @@ class ModelBundle:
             statistics = ood.read_statistics(folder, info.ood)
         except (ood.OodError, OSError, KeyError, ValueError) as exc:
             raise BundleError(f"{folder / INFO_FILE}: ood: {exc}") from exc
+        try:
+            gating = gate_data.read_gate_data(folder, info.gate)
+        except (gate_data.GateDataError, OSError) as exc:
+            raise BundleError(f"{folder / INFO_FILE}: gate: {exc}") from exc
         gpu = _gpu_visible() if mixed_precision or runtime == "auto" else False
         if mixed_precision and not gpu:
             log.warning("mixed_precision asked for but no GPU is visible: running in float32")
             mixed_precision = False
         chosen = _auto_runtime(gpu) if runtime == "auto" else runtime
-        if chosen == "onnx":
+        if chosen != "keras":
             if mixed_precision:
                 log.warning("mixed_precision applies to the keras runtime only: ignored")
             try:
-                return cls(info, _OnnxRunner(_onnx_model(model_file, info)), folder, statistics)
+                return cls._load_onnx(folder, info, statistics, gating, runtime, threads, progress)
             except Exception as exc:  # auto falls back; an explicit onnx says why it cannot
                 if runtime != "auto":
                     raise
@@ -316,13 +364,48 @@ class ModelBundle:
         runner = _KerasRunner(_load_keras(model_file, info), mixed_precision)
         return cls(info, runner, folder, statistics)
 
+    @classmethod
+    def _load_onnx(cls, folder, info, statistics, gating, runtime, threads, progress):
+        """The bundle on ONNX Runtime: gated when it has gate data (Keras when ``auto`` finds
+        no candidate that passes), else FP32 as asked."""
+        from node.analysis import runtimes
+        from node.analysis.threads import intra_op_threads
+
+        model_file = folder / MODEL_FILE
+        threads = intra_op_threads(threads)
+        if gating is None:
+            if runtime == "onnx-int8":
+                raise BundleError(
+                    f"{folder / INFO_FILE}: no gate data (model.json's gate): onnx-int8 needs "
+                    "the bundle's calibration slices and its agreement gate"
+                )
+            if runtime == "auto":
+                log.info("%s: no gate data in the bundle: serving ONNX Runtime FP32", folder)
+            runner = runtimes.OnnxRunner(_onnx_model(model_file, info), "onnx", threads)
+            return cls(info, runner, folder, statistics)
+        choice = runtimes.choose_runtime(
+            folder,
+            info,
+            gating,
+            runtime,
+            model_sha256=_sha256(model_file),
+            threads=threads,
+            float_model=lambda: _onnx_model(model_file, info),
+            keras_runner=lambda: _KerasRunner(_load_keras(model_file, info)),
+            statistics=statistics,
+            progress=progress,
+        )
+        runner = choice.runner or _KerasRunner(_load_keras(model_file, info))
+        return cls(info, runner, folder, statistics, choice.results, choice.batch_size)
+
     def predict_with_features(
-        self, slices: np.ndarray, batch_size: int = 16
+        self, slices: np.ndarray, batch_size: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Class probabilities (as :meth:`predict`) and the penultimate-layer features the
         out-of-distribution score is computed on, float32 ``(N, features)``, from the same
-        forward pass (both runtimes give them)."""
+        forward pass (every runtime gives them)."""
         batch = _check_slices(slices)
+        batch_size = self.batch_size if batch_size is None else batch_size
         _check_batch_size(batch_size)
         outputs = [
             self._runner(batch[start : start + batch_size])
@@ -335,7 +418,7 @@ class ModelBundle:
         features = np.concatenate([f for _, f in outputs]).astype(np.float32, copy=False)
         return probabilities, features
 
-    def predict(self, slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def predict(self, slices: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities of windowed slices.
 
         Parameters
@@ -343,7 +426,7 @@ class ModelBundle:
         slices
             uint8 ``(N, H, W)`` or ``(N, H, W, 1)`` windowed slices at any size.
         batch_size
-            Slices per forward pass.
+            Slices per forward pass (None: :attr:`batch_size`, the runtime's fastest).
 
         Returns
         -------
@@ -351,6 +434,7 @@ class ModelBundle:
             float32 ``(N, classes)``, rows in ``info.classes`` order.
         """
         batch = _check_slices(slices)
+        batch_size = self.batch_size if batch_size is None else batch_size
         _check_batch_size(batch_size)
         outputs = [
             self._runner(batch[start : start + batch_size])[0]
@@ -403,27 +487,6 @@ class _KerasRunner:
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probabilities, features = self._serve(batch)
         return probabilities.numpy(), features.numpy()
-
-
-class _OnnxRunner:
-    """An ONNX Runtime session over the exported model."""
-
-    runtime = "onnx"
-
-    def __init__(self, model_bytes: bytes) -> None:
-        import onnxruntime as ort
-
-        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-        providers = [p for p in wanted if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(model_bytes, providers=providers)
-        self._input = self.session.get_inputs()[0].name
-        self._outputs = [output.name for output in self.session.get_outputs()]
-        if len(self._outputs) != 2:
-            raise BundleError(f"the ONNX model gives {len(self._outputs)} outputs, not 2")
-
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probabilities, features = self.session.run(self._outputs, {self._input: batch})
-        return probabilities, features
 
 
 def _load_keras(model_file: Path, info: ModelInfo):
@@ -583,10 +646,10 @@ def write_bundle(
 
 
 def _keep_other_files(old: Path, new: Path) -> None:
-    """Carry files kept beside a model (notes, ignore rules) over; never a stale export."""
+    """Carry files kept beside a model (notes, ignore rules) over; never a stale cache."""
     if not old.is_dir():
         return
     for path in old.iterdir():
-        own = path.name in (MODEL_FILE, INFO_FILE, ONNX_FILE) or (new / path.name).exists()
+        own = path.name in (MODEL_FILE, INFO_FILE, *CACHE_FILES) or (new / path.name).exists()
         if path.is_file() and not own:  # the new bundle's own statistics win
             shutil.copy2(path, new / path.name)

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -44,6 +44,7 @@ class RegisteredModel:
     builtin: bool = False
     active: bool = False
     pinned: bool = False  # served because Settings.model_dir names it
+    loaded: ModelBundle | None = field(default=None, compare=False, repr=False)  # activate's
 
     @property
     def ref(self) -> str:
@@ -166,25 +167,35 @@ def find_model(settings: Settings, name: str, version: str) -> RegisteredModel:
     )
 
 
-def activate(settings: Settings, session: Session, ref: str, by: str) -> RegisteredModel:
+def activate(
+    settings: Settings, session: Session, ref: str, by: str, progress: bool = False
+) -> RegisteredModel:
     """Record ``NAME:VERSION`` as the active model once its bundle is proven to load.
 
     The caller commits. Raises ValueError for an unsafe name, LookupError for an unknown
     model and :class:`~node.bundle.BundleError` for a bundle the node cannot serve. While
     ``model_dir`` is set the row is still written but has no effect (``active`` is False):
-    the caller tells the user.
+    the caller tells the user. The returned model's ``loaded`` is the bundle as loaded
+    (its runtime, gate figures and batch size); ``progress`` shows the conversion and the
+    agreement gate as a progress bar on stderr.
     """
     name, version = parse_ref(ref)
     model = find_model(settings, name, version)
     if model.error is not None:
         raise BundleError(f"{model.ref} cannot be activated: {model.error}")
     # Loaded as the workers will serve it: the weights agree with model.json, and under
-    # ONNX Runtime (auto on a CPU-only host) the export is made and cached now, so the
-    # wait (minutes for EfficientNetB7) is the activating admin's, not the next study's.
-    ModelBundle.load(model.folder, runtime=settings.model_runtime)
+    # ONNX Runtime (auto on a CPU-only host) the export, the INT8 conversion, the agreement
+    # gate and the timings are made and cached now, so the wait (minutes for EfficientNetB7)
+    # is the activating admin's, not the next study's.
+    loaded = ModelBundle.load(
+        model.folder,
+        runtime=settings.model_runtime,
+        threads=settings.model_threads,
+        progress=progress,
+    )
     session.add(ModelActivation(name=name, version=version, activated_by=by))
     session.flush()
-    return dataclasses.replace(model, active=settings.model_dir is None)
+    return dataclasses.replace(model, active=settings.model_dir is None, loaded=loaded)
 
 
 def active_model_dir(settings: Settings, session: Session | None, must_exist: bool = True) -> Path:
@@ -259,6 +270,7 @@ class ActiveBundle:
                 folder,
                 runtime=self.settings.model_runtime,
                 mixed_precision=self.settings.mixed_precision,
+                threads=self.settings.model_threads,
             )
             self._key = key
             log.info("serving model %s from %s", self._bundle.info.identity().label, folder)

@@ -1,0 +1,381 @@
+"""Runtimes on a CPU: ONNX Runtime FP32 and INT8 behind the agreement gate, cached per host.
+
+Two bundles: the committed demo (EfficientNet-Lite0 @ 128), whose INT8 conversion does not
+reproduce its answers, and a small convolutional model whose answers INT8 does reproduce
+(built here from phantom slices: no training, so the test is quick).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ainode.cli import main  # noqa: E402
+from node.analysis import gate, quantize, threads  # noqa: E402
+from node.analysis.analyze import analyze_instances  # noqa: E402
+from node.analysis.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
+from node.analysis.gate_data import GATE_FILE, write_gate_data  # noqa: E402
+from node.analysis.ood import sha256_of  # noqa: E402
+from node.analysis.result import CLASSES  # noqa: E402
+from node.records import registry  # noqa: E402
+from node.settings import DEMO_MODEL_DIR, Settings  # noqa: E402
+from tests.config import format1  # noqa: E402
+from training.demo import study_slices  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(  # Keras 3.15 with NumPy 2, inside get_weights()
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+CACHES = ("model.int8.onnx", "runtimes.json")
+# unseen by the demo (training.demo uses seeds 1000..1053), one role each
+FIT_SEEDS, CALIBRATION_SEEDS, HOLDOUT_SEEDS, TEST_SEEDS = (9101, 9102), (9103,), (9104,), (9105,)
+SIDE = 128
+
+
+def copy_bundle(source: Path, target: Path, caches: bool = True) -> Path:
+    """A private copy of a bundle; with ``caches``, the export, INT8 model and figures too."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file() and (caches or path.name not in CACHES):
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def labelled(seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windowed lung slices of phantom studies (as training.demo labels them): images,
+    class indices and study keys."""
+    images, labels, studies = [], [], []
+    for seed in seeds:
+        for name, chosen in study_slices(seed, 30, SIDE).items():
+            images += [image for _, image in chosen]
+            labels += [CLASSES.index(name)] * len(chosen)
+            studies += [f"{seed}/{name}"] * len(chosen)
+    return np.stack(images), np.array(labels), np.array(studies)
+
+
+def threshold_model(images: np.ndarray, labels: np.ndarray):
+    """A convolutional model with the bundle contract whose answers are smooth functions of
+    the image: box-filtered intensity above 32 thresholds, mixed by positive 3 x 3
+    convolutions (enough of them that INT8 has work to speed up), averaged, and a linear
+    head fitted to the labels in closed form (ridge regression)."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    inputs = keras.Input(shape=(None, None, 1), dtype="uint8", name="slices")
+    x = keras.layers.Resizing(SIDE, SIDE)(inputs)
+    x = keras.layers.Rescaling(1 / 255)(x)
+    layer = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")
+    x = layer(x)
+    layer.set_weights([np.full((3, 3, 1, 32), 1 / 9, "float32"), -np.linspace(0, 0.95, 32)])
+    for filters, stride in ((64, 1), (64, 2), (128, 1), (128, 2)):
+        weights = rng.random((3, 3, x.shape[-1], filters))
+        layer = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", activation="relu")
+        x = layer(x)
+        layer.set_weights([weights / weights.sum(axis=(0, 1, 2)), np.zeros(filters)])
+    features = keras.layers.GlobalAveragePooling2D()(x)
+    features_of = keras.Model(inputs, features)
+    found = features_of.predict(images[..., None], verbose=0).astype(np.float64)
+    mean = found.mean(axis=0)
+    centred = found - mean
+    gram = centred.T @ centred
+    targets = np.eye(len(CLASSES))[labels] * 6 - 3
+    ridge = 0.1 * np.trace(gram) / len(gram)
+    weights = np.linalg.solve(gram + ridge * np.eye(len(gram)), centred.T @ targets)
+    head = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32")
+    outputs = head(features)
+    head.set_weights([weights.astype("float32"), (-mean @ weights).astype("float32")])
+    return keras.Model(inputs, outputs)
+
+
+def write_gate(folder: Path, calibration: np.ndarray) -> None:
+    """Gate data of phantom studies into ``folder`` (``calibration`` as given), named by
+    its model.json."""
+    holdout, _, _ = labelled(HOLDOUT_SEEDS)
+    test, _, studies = labelled(TEST_SEEDS)
+    summary = write_gate_data(folder / GATE_FILE, calibration, holdout, test, studies)
+    info = ModelInfo.from_json(folder / "model.json")
+    info.replace(gate=summary, format_version=2).to_json(folder / "model.json")
+
+
+@pytest.fixture(scope="module")
+def demo_gated(tmp_path_factory) -> tuple[Path, ModelBundle, str]:
+    """A copy of the demo loaded with ``auto`` once (the export kept when the repository's
+    demo has one): its folder, the bundle and what was logged."""
+    folder = copy_bundle(DEMO_MODEL_DIR, tmp_path_factory.mktemp("demo") / "demo", caches=False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("node.analysis")
+    logger.addHandler(handler)
+    try:
+        bundle = ModelBundle.load(folder, runtime="auto")
+    finally:
+        logger.removeHandler(handler)
+    return folder, bundle, "\n".join(r.getMessage() for r in records)
+
+
+@pytest.fixture(scope="module")
+def gated_source(tmp_path_factory) -> Path:
+    """The threshold model as a bundle with gate data, loaded with ``auto`` once (its INT8
+    model and figures cached beside it)."""
+    fit, labels, _ = labelled(FIT_SEEDS)
+    calibration, _, _ = labelled(CALIBRATION_SEEDS)
+    info = format1(ModelInfo.from_json(DEMO_MODEL_DIR / "model.json"))
+    info = info.replace(name="threshold", version="1", demo=False, input_size=SIDE)
+    folder = write_bundle(threshold_model(fit, labels), info, tmp_path_factory.mktemp("t") / "b")
+    write_gate(folder, calibration)
+    ModelBundle.load(folder, runtime="auto")
+    return folder
+
+
+@pytest.fixture
+def gated(gated_source, tmp_path) -> Path:
+    """A private copy of the threshold bundle, its caches included."""
+    return copy_bundle(gated_source, tmp_path / "gated")
+
+
+# ------------------------------------------------------------------------ the choice
+
+
+def test_demo_int8_fails_the_gate_and_auto_serves_onnx_fp32(demo_gated):
+    folder, bundle, logged = demo_gated
+    fp32, int8 = bundle.gate["onnx"], bundle.gate["onnx-int8"]
+    assert bundle.runtime == "onnx" and fp32["passed"] is True
+    assert fp32["agreement"] == 1.0 and fp32["max_diff"] < 1e-3 and fp32["studies_identical"]
+    assert int8["passed"] is False
+    assert int8["agreement"] < gate.MIN_AGREEMENT or int8["max_diff"] > gate.MAX_DIFFERENCE
+    warning = next(line for line in logged.splitlines() if "onnx-int8 fails" in line)
+    assert f"top-1 agreement {int8['agreement']:.2%}" in warning
+    assert f"max probability difference {int8['max_diff']:.4f}" in warning
+    assert bundle.batch_size == fp32["batch_size"] in gate.BATCH_SIZES
+    stored = json.loads((folder / "runtimes.json").read_text())
+    assert stored["model_sha256"] == sha256_of(folder / "model.keras")
+    (gates,) = stored["gates"].values()
+    assert gates["onnx-int8"]["agreement"] == int8["agreement"]
+
+
+def test_onnx_int8_by_name_is_refused_with_the_figures(demo_gated):
+    folder, _, _ = demo_gated
+    with pytest.raises(
+        BundleError, match=r"onnx-int8 fails the agreement gate against Keras FP32: "
+    ):
+        ModelBundle.load(folder, runtime="onnx-int8")
+
+
+def test_auto_picks_int8_where_it_passes_the_gate_and_is_faster(gated):
+    bundle = ModelBundle.load(gated, runtime="auto")
+    int8, fp32 = bundle.gate["onnx-int8"], bundle.gate["onnx"]
+    assert int8["passed"] and int8["agreement"] >= gate.MIN_AGREEMENT
+    assert int8["max_diff"] <= gate.MAX_DIFFERENCE and int8["studies_identical"]
+    assert int8["seconds_per_slice"] < fp32["seconds_per_slice"]
+    assert bundle.runtime == "onnx-int8" and bundle.batch_size == int8["batch_size"]
+    slices = labelled(TEST_SEEDS)[0][:5]
+    reference = ModelBundle.load(gated, runtime="keras").predict(slices)
+    assert np.abs(bundle.predict(slices) - reference).max() <= gate.MAX_DIFFERENCE
+
+
+def test_a_broken_quantisation_is_refused_and_auto_falls_back_to_fp32(gated, caplog):
+    """Calibrated on blank images, INT8 cannot represent real ones: the gate refuses it."""
+    for name in ("model.int8.onnx", "runtimes.json"):
+        (gated / name).unlink()
+    write_gate(gated, np.zeros((16, SIDE, SIDE), np.uint8))
+    with caplog.at_level(logging.WARNING, logger="node.analysis"):
+        bundle = ModelBundle.load(gated, runtime="auto")
+    int8 = bundle.gate["onnx-int8"]
+    assert bundle.runtime == "onnx" and not int8["passed"]
+    assert f"top-1 agreement {int8['agreement']:.2%} < 99%" in int8["reason"]
+    assert f"onnx-int8 fails the agreement gate, not used: {int8['reason']}" in caplog.text
+    with pytest.raises(BundleError, match="onnx-int8 fails the agreement gate"):
+        ModelBundle.load(gated, runtime="onnx-int8")
+
+
+def test_conversion_and_gate_are_cached_and_made_again_when_model_keras_changes(gated, caplog):
+    import keras
+
+    (gated / "runtimes.json").unlink()
+    (gated / "model.int8.onnx").unlink()
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        ModelBundle.load(gated, runtime="auto")
+    assert "quantising to INT8" in caplog.text
+    stamps = {name: (gated / name).stat().st_mtime_ns for name in CACHES}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        again = ModelBundle.load(gated, runtime="auto")
+    assert "quantising" not in caplog.text and again.runtime == "onnx-int8"
+    assert {name: (gated / name).stat().st_mtime_ns for name in CACHES} == stamps
+    model = keras.saving.load_model(gated / "model.keras", compile=False)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, bias + 0.01])
+    model.save(gated / "model.keras")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        ModelBundle.load(gated, runtime="auto")
+    assert "quantising to INT8" in caplog.text and "exporting to ONNX" in caplog.text
+    stored = json.loads((gated / "runtimes.json").read_text())
+    assert stored["model_sha256"] == sha256_of(gated / "model.keras")
+    assert quantize.cached_int8(gated, stored["model_sha256"], stored["gate_sha256"])
+
+
+def test_a_bundle_the_node_cannot_write_keeps_the_figures_in_memory(gated, caplog):
+    """(Tests run as root, whom permissions do not stop: the cache names are taken by
+    folders, so every write fails as on a read-only mount.)"""
+    for name in CACHES:
+        (gated / name).unlink()
+        (gated / name).mkdir()
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        first = ModelBundle.load(gated, runtime="auto")
+    assert "cannot cache the INT8 model" in caplog.text
+    assert "the gate's figures are kept in memory" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        again = ModelBundle.load(gated, runtime="auto")
+    assert again.runtime == first.runtime == "onnx-int8" and again.gate == first.gate
+    assert "kept in memory" not in caplog.text and "quantising" not in caplog.text
+
+
+def test_a_bundle_without_gate_data_is_served_as_before(format1_bundle_dir, demo_gated, caplog):
+    folder, _, _ = demo_gated
+    exported = folder / "model.onnx"
+    if not (format1_bundle_dir / "model.onnx").exists():
+        shutil.copy2(exported, format1_bundle_dir / "model.onnx")  # the same model.keras
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        old = ModelBundle.load(format1_bundle_dir, runtime="auto")
+    assert old.runtime == "onnx" and old.gate == {} and old.batch_size == 16
+    assert "no gate data in the bundle: serving ONNX Runtime FP32" in caplog.text
+    with pytest.raises(BundleError, match="no gate data .*onnx-int8 needs"):
+        ModelBundle.load(format1_bundle_dir, runtime="onnx-int8")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sha256": "0" * 64}, "gate.npz: SHA-256 differs from model.json's gate.sha256"),
+        ({"file": "../gate.npz"}, "gate.file must be a file name in the bundle"),
+        ({"file": "other.npz"}, "other.npz: missing"),
+    ],
+)
+def test_bad_gate_entries_are_refused(gated, change, message):
+    data = json.loads((gated / "model.json").read_text())
+    data["gate"].update(change)
+    (gated / "model.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=f"model.json: gate: .*{message}"):
+        ModelBundle.load(gated, runtime="keras")
+
+
+# ------------------------------------------------------------------------ answers
+
+
+def test_study_answers_are_identical_between_runtimes_on_a_phantom_study(demo_gated, chest_series):
+    folder, served, _ = demo_gated
+    _, paths = chest_series
+    keras = analyze_instances(paths, ModelBundle.load(folder, runtime="keras")).result
+    onnx = analyze_instances(paths, served).result
+    assert served.runtime == "onnx"
+    assert onnx.predicted_class == keras.predicted_class == "Covid_19"
+    np.testing.assert_allclose(onnx.probabilities, keras.probabilities, atol=1e-4)
+    assert onnx.ood["flagged"] == keras.ood["flagged"]
+    assert onnx.decision["method"] == keras.decision["method"] == "operating point"
+
+
+def study_answers_of(bundle: ModelBundle, images: np.ndarray, studies: np.ndarray) -> dict:
+    """Per study, the class the node reports under each rule (and the OOD flag)."""
+    probabilities, features = bundle.predict_with_features(images)
+    answers = gate.Answers(probabilities[:0], probabilities, features)
+    return gate.study_answers(answers, studies, bundle.info, bundle.ood_statistics)
+
+
+def test_int8_study_answers_match_keras_on_unseen_phantom_studies(gated):
+    int8 = ModelBundle.load(gated, runtime="onnx-int8")
+    keras = ModelBundle.load(gated, runtime="keras")
+    images, _, studies = labelled((9201, 9202))
+    assert int8.runtime == "onnx-int8"
+    assert study_answers_of(int8, images, studies) == study_answers_of(keras, images, studies)
+
+
+# ------------------------------------------------------------------------ threads
+
+
+def test_sessions_use_the_threads_given_and_one_inter_op_thread(gated):
+    one = ModelBundle.load(gated, runtime="auto", threads=1).session_options
+    assert (one.intra_op_num_threads, one.inter_op_num_threads) == (1, 1)
+    shared = ModelBundle.load(gated, runtime="onnx").session_options
+    expected = max(1, threads.available_cpus() // threads.model_workers_on_host())
+    assert shared.intra_op_num_threads == expected
+    assert ModelBundle.load(gated, runtime="keras").session_options is None
+
+
+def _process(proc: Path, pid: int, *argv: str) -> None:
+    (proc / str(pid)).mkdir()
+    (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def test_analysis_workers_share_the_cores(tmp_path, monkeypatch):
+    """serve's uploads worker (one uploaded image now and then) does not halve the analysis
+    worker's cores; two analysis workers on one host split them."""
+    python = "/srv/venv/bin/python"
+    _process(tmp_path, 10, python, "-m", "ainode.cli", "serve")
+    _process(tmp_path, 11, python, "-m", "ainode.cli", "worker", "--queues=analysis,exports",
+             "--parent-pid=10")  # fmt: skip
+    _process(tmp_path, 12, python, "-m", "ainode.cli", "worker", "--queues=reports,uploads",
+             "--parent-pid=10")  # fmt: skip
+    _process(tmp_path, 13, "/srv/venv/bin/ainode", "worker", "--queues", "reports")
+    _process(tmp_path, 14, "/usr/bin/vim", "worker")
+    (tmp_path / "self").mkdir()
+    assert threads.model_workers_on_host(tmp_path) == 1
+    _process(tmp_path, 15, "/srv/venv/bin/ainode", "-c", "/etc/ainode.toml", "worker")
+    assert threads.model_workers_on_host(tmp_path) == 2
+    _process(tmp_path, 16, "/srv/venv/bin/ainode", "worker", "--queues", "analysis")
+    assert threads.model_workers_on_host(tmp_path) == 3
+    assert threads.model_workers_on_host(tmp_path / "nothing") == 1
+    monkeypatch.setattr(threads, "model_workers_on_host", lambda: 3)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    assert threads.intra_op_threads(0) == 2 and threads.intra_op_threads(5) == 5
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    assert threads.intra_op_threads(0) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model_runtime", "int8", "String should match pattern"),
+        ("model_threads", -1, "greater than or equal to 0"),
+    ],
+)
+def test_settings_refuse_a_bad_runtime_or_thread_count(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**{field: value})
+    assert Settings(model_runtime="onnx-int8", model_threads=2).model_threads == 2
+
+
+# ------------------------------------------------------------------------ activation
+
+
+def test_activate_runs_the_gate_with_a_progress_bar_and_prints_the_figures(
+    make_node, demo_gated, monkeypatch, capsys
+):
+    node = make_node()
+    settings = node.settings
+    folder = registry.bundle_folder(settings, "covid-ct", "1.0")
+    copy_bundle(demo_gated[0], folder)
+    (folder / "runtimes.json").unlink()  # the gate and timing run again at activation
+    info = ModelInfo.from_json(folder / "model.json").replace(name="covid-ct", version="1.0")
+    info.to_json(folder / "model.json")
+    monkeypatch.setenv("AINODE_DATA_DIR", str(settings.data_dir))
+    if settings.database_url:
+        monkeypatch.setenv("AINODE_DATABASE_URL", settings.database_url)
+    assert main(["models", "activate", "covid-ct:1.0", "--by", "dr.cli"]) == 0
+    out, err = capsys.readouterr()
+    assert "activated covid-ct:1.0" in out
+    assert "runtime: onnx (model_runtime auto), batch " in out
+    assert "onnx passes: top-1 agreement 100.00% (gate: >= 99%)" in out
+    assert "onnx-int8 fails (top-1 agreement" in out or "onnx-int8 fails (max probability" in out
+    assert "Keras FP32 reference answers" in err and "step" in err  # the progress bar
+    assert (folder / "runtimes.json").is_file()
