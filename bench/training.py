@@ -16,7 +16,10 @@ One run, every figure measured beside its peer:
   ``state.json`` it writes after every shard, as a ratio to the bare B0 step timed in the
   same process just before and just after it (other jobs slow both alike).
 
-Run: ``.venv/bin/python -m bench.training [--quick] [--skip-b7] [--work DIR]``. Every
+Then the frozen-stage feature cache section of :mod:`bench.feature_cache` (cached against
+uncached fits of Lite0 @224 and B7 @512; ``--skip-cache`` leaves it out).
+
+Run: ``.venv/bin/python -m bench.training [--quick] [--skip-b7] [--skip-cache] [--work DIR]``. Every
 measurement runs in its own subprocess, killed if its RSS passes ``--memory-limit-mb``.
 Wall times vary with other jobs on the machine: compare the ratios, measured in one run.
 """
@@ -505,6 +508,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small counts, few steps (smoke run)")
     parser.add_argument("--skip-b7", action="store_true", help="no EfficientNetB7 steps")
+    parser.add_argument(
+        "--skip-cache",
+        action="store_true",
+        help="no frozen-stage cache section (bench.feature_cache)",
+    )
     parser.add_argument("--work", type=Path, help="an empty folder to work in (kept afterwards)")
     parser.add_argument(
         "--counts",
@@ -567,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
         bench_small(args, work, runs[min(runs)])
         if not args.skip_b7:
             bench_seed_paper(args, work)
+        if not args.skip_cache:
+            from bench import feature_cache
+
+            cache_args = feature_cache._parser().parse_args(["--quick"] if args.quick else [])
+            cache_args.skip_b7, cache_args.memory_limit_mb = args.skip_b7, args.memory_limit_mb
+            (work / "cache").mkdir()
+            feature_cache.bench_cache(cache_args, work / "cache")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -69,7 +69,10 @@ def phantom_study_uid(path: Path) -> str:
 def ainode(settings: Settings, root: Path, *args: str) -> None:
     """Run ``ainode`` with this node's settings (as a user would, through a config file)."""
     config = root / "ainode.toml"
-    config.write_text(f'data_dir = "{settings.data_dir}"\nmin_free_disk_mb = 0\n')
+    # Keras serves: the runtime choice (ONNX export, INT8, the gate) is tests/test_runtimes.py's
+    config.write_text(
+        f'data_dir = "{settings.data_dir}"\nmin_free_disk_mb = 0\nmodel_runtime = "keras"\n'
+    )
     assert main(["--config", str(config), *args]) == 0
 
 
