@@ -199,11 +199,13 @@ def print_backbone(label: str, root: Path, results: dict, args) -> dict:
     ratios = {}
     for index, (stage, key) in enumerate((("head", "head"), (f"top-{args.blocks}", "fine-tune"))):
         plain, cached = times["uncached"][index], times["cached"][index]
-        build = builds[key]["build_seconds"]
+        # a stage that read back the cache an earlier stage built spent nothing on it
+        build = 0.0 if builds[key]["reused"] else builds[key]["build_seconds"]
+        how = "read back" if builds[key]["reused"] else f"{build:.1f} s"
         ratios[stage] = plain / cached
         print(
             f"    {stage:<7} uncached {plain:7.1f} s ({plain / args.passes:6.1f} s/pass)   "
-            f"cached {cached:7.1f} s (cache {build:.1f} s + "
+            f"cached {cached:7.1f} s (cache {how} + "
             f"{(cached - build) / args.passes:.2f} s/pass)   {ratios[stage]:5.1f}x"
         )
     steps = results["steps"]
