@@ -187,7 +187,11 @@ def _write_activations(model, inputs: np.ndarray, path: Path, batch_size: int, p
         batch = inputs[start : start + batch_size]
         if batch.dtype == np.float16:
             batch = batch.astype(np.float32)
-        out[start : start + len(batch)] = model.predict_on_batch(batch)
+        count = len(batch)
+        if count < batch_size:  # padded to the traced shape: a new one would trace again
+            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        out[start : start + count] = model.predict_on_batch(batch)[:count]
         if progress is not None:
             progress(len(batch))
     out.flush()
