@@ -91,7 +91,7 @@ def trained(labelled_node):
     ainode(
         settings, root, "train", "fit", str(run), "--backbone", "EfficientNetLite0",
         "--input-size", "128", "--weights", str(DEMO), "--fresh-head", "--freeze-base",
-        "--batch-size", "32", "--epochs", "6", "--patience", "12", "--lr", "1e-3",
+        "--batch-size", "32", "--epochs", "12", "--patience", "24", "--lr", "1e-3",
         "--decay-steps", "50",
     )  # fmt: skip
     fit_seconds = time.perf_counter() - started

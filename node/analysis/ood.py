@@ -106,9 +106,9 @@ def read_statistics(folder: Path, summary: Mapping) -> OodStatistics | None:
 def slice_distances(means: np.ndarray, precision: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Mahalanobis distance of each feature row to its nearest class mean, ``(N,)``."""
     features = np.asarray(features, dtype=np.float64)
-    squared = np.stack(
-        [np.einsum("ij,jk,ik->i", features - mean, precision, features - mean) for mean in means]
-    )
+    # (d @ P) * d summed: the same as einsum("ij,jk,ik->i"), which numpy would loop over
+    # without BLAS (8 s instead of 0.5 s for 251 B7 slices of 2,560 features)
+    squared = np.stack([((d := features - mean) @ precision * d).sum(axis=1) for mean in means])
     return np.sqrt(np.clip(squared.min(axis=0), 0.0, None))
 
 
