@@ -227,7 +227,7 @@ def print_backbone(label: str, root: Path, results: dict, args) -> dict:
     return ratios
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.feature_cache", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a quarter of the images")
     parser.add_argument("--skip-b7", action="store_true", help="no EfficientNetB7")
@@ -251,7 +251,7 @@ def bench_cache(args, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.child:
         spec = json.loads(Path(args.child[1]).read_text(encoding="utf-8"))
         result = {"fit": child_fit, "steps": child_steps}[args.child[0]](spec)

@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cache:
             from bench import feature_cache
 
-            cache_args = feature_cache._parser().parse_args(["--quick"] if args.quick else [])
+            cache_args = feature_cache.parser().parse_args(["--quick"] if args.quick else [])
             cache_args.skip_b7, cache_args.memory_limit_mb = args.skip_b7, args.memory_limit_mb
             (work / "cache").mkdir()
             feature_cache.bench_cache(cache_args, work / "cache")
