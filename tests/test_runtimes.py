@@ -197,6 +197,35 @@ def test_a_broken_quantisation_is_refused_and_auto_falls_back_to_fp32(gated, cap
         ModelBundle.load(gated, runtime="onnx-int8")
 
 
+def test_a_conversion_that_runs_out_of_memory_is_not_held_against_the_runtime(
+    gated, caplog, monkeypatch
+):
+    """Quantising a large model can exhaust a small host's memory (simulated: this host has
+    the memory). The user sees why INT8 is not used; nothing is cached, so the next load,
+    with the memory there, quantises, gates and serves INT8."""
+    import onnxruntime.quantization
+
+    for name in CACHES:
+        (gated / name).unlink()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 9.6 GiB for an array")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", no_memory)
+    with caplog.at_level(logging.WARNING, logger="node.analysis"):
+        bundle = ModelBundle.load(gated, runtime="auto")
+    int8 = bundle.gate["onnx-int8"]
+    assert bundle.runtime == "onnx" and not int8["passed"]
+    assert int8["reason"].startswith("conversion failed: INT8 quantisation failed (Unable to")
+    assert "onnx-int8 not used: conversion failed" in caplog.text
+    assert "(tried again at the next load)" in caplog.text
+    cached = json.loads((gated / "runtimes.json").read_text())
+    assert all("onnx-int8" not in host for host in cached["gates"].values())
+    assert not (gated / "model.int8.onnx").exists()
+    monkeypatch.undo()
+    assert ModelBundle.load(gated, runtime="auto").runtime == "onnx-int8"
+
+
 def test_conversion_and_gate_are_cached_and_made_again_when_model_keras_changes(gated, caplog):
     import keras
 

@@ -29,6 +29,7 @@ DEMO = Path(__file__).resolve().parent.parent / "node" / "models" / "demo"
 PATIENT_SEEDS = range(3000, 3024)  # patients never seen by the demo model (seeds 1000..1053)
 FINDINGS = {"covid": "COVID", "normal": "Normal", "pneumonia": "Pneumonia"}
 ROWS = 512
+EXPORT_SALT = "ainode-training-test-split-1"
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,12 @@ def phantom_study_uid(path: Path) -> str:
 def ainode(settings: Settings, root: Path, *args: str) -> None:
     """Run ``ainode`` with this node's settings (as a user would, through a config file)."""
     config = root / "ainode.toml"
-    # Keras serves: the runtime choice (ONNX export, INT8, the gate) is tests/test_runtimes.py's
+    # Keras serves: the runtime choice (ONNX export, INT8, the gate) is tests/test_runtimes.py's.
+    # A fixed export salt: the pseudonyms, and so the patient split, are the same every run
+    # (with the node's random salt each run drew other test patients).
     config.write_text(
         f'data_dir = "{settings.data_dir}"\nmin_free_disk_mb = 0\nmodel_runtime = "keras"\n'
+        f'export_salt = "{EXPORT_SALT}"\n'
     )
     assert main(["--config", str(config), *args]) == 0
 
@@ -113,12 +117,13 @@ def test_the_model_trained_from_an_export_reads_unseen_patients(trained):
     # study's slices without a finding are labelled Covid_19 too: the head learns from noisy
     # slice labels, slice accuracy has a ceiling well below 1, and the study-level decision
     # (top-mean, then argmax) sits near a boundary for some studies. What the node must get
-    # right is the study ranking (macro AUC) and most study answers; chance is 1/3 and 0.5.
-    # Measured on this fixture: AUC 0.99, accuracy 0.89 (a 0.9 accuracy floor on 18 studies,
-    # one wrong study apart, failed on one machine and passed on another).
-    study = evaluation["study"]
+    # right is the study ranking (macro AUC) and most of the answers it gives: the class after
+    # calibration and the COVID-19 operating point (the uncalibrated top-mean argmax is not an
+    # answer the node gives). Chance is 1/3 and 0.5. Measured over eight patient splits of
+    # this fixture: AUC 0.97-1.0, answers 15-18 of 18 right (the uncalibrated argmax: 13-17).
+    study, served = evaluation["study"], evaluation["trust_report"]["calibration"]["served_test"]
     assert study["macro_auc"] >= 0.9, study["confusion_matrix"]
-    assert study["accuracy"] >= 0.75, study["confusion_matrix"]
+    assert served["n"] == study["n"] and served["accuracy"] >= 0.8, served["confusion_matrix"]
     assert evaluation["slice"]["accuracy"] > 0.5, evaluation["slice"]["confusion_matrix"]
     for name in ("evaluation.md", "confusion_matrix.png", "history.png"):
         assert (run / "evaluation" / name).stat().st_size > 1000

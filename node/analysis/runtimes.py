@@ -171,6 +171,7 @@ def choose_runtime(
     to_gate = [c for c in candidates if c not in gates]
     to_time = [c for c in candidates if c not in timings and gates.get(c, {}).get("passed", 1)]
     steps = (1 + len(to_gate) if to_gate else 0) + len(to_time)
+    unconverted: dict[str, dict] = {}
     runners: dict[str, OnnxRunner] = {}
     made: dict[str, object] = {}  # the FP32 model and the Keras reference, made once
 
@@ -201,17 +202,20 @@ def choose_runtime(
                 reference = gate.answers(once("keras", keras_runner), data)
                 bar.update()
             bar.set_description(f"{candidate}: conversion and agreement gate")
-            gates[candidate] = _gate(runner, candidate, reference, data, info, statistics)
+            found = _gate(runner, candidate, reference, data, info, statistics)
+            # a conversion that failed (memory, a quantiser error) says nothing of the
+            # runtime's answers: it is not cached, and the next load tries again
+            (unconverted if "conversion_failed" in found else gates)[candidate] = found
             bar.update()
         for candidate in to_time:
-            if gates[candidate]["passed"]:
+            if gates.get(candidate, {}).get("passed"):
                 bar.set_description(f"{candidate}: timing batch sizes")
                 slices = gate.timing_slices(data.holdout)
                 timings[candidate] = gate.fastest_batch(runner(candidate), slices)
             bar.update()
     if to_gate or to_time:
         write_cache(folder, cache)
-    results = {c: {**gates[c], **timings.get(c, {})} for c in candidates}
+    results = {c: {**gates.get(c, unconverted.get(c)), **timings.get(c, {})} for c in candidates}
     return _choose(folder, requested, results, runner, threads, made.get("keras"))
 
 
@@ -219,7 +223,7 @@ def _gate(runner, candidate, reference, data, info, statistics) -> dict:
     try:
         served = runner(candidate)
     except quantize.QuantizationError as exc:
-        return {"passed": False, "reason": f"conversion failed: {exc}"}
+        return {"passed": False, "reason": f"conversion failed: {exc}", "conversion_failed": True}
     found = gate.compare(reference, gate.answers(served, data), data, info, statistics)
     found["checked_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return found
@@ -229,7 +233,11 @@ def _choose(folder, requested, results, runner, threads, keras) -> Choice:
     from node.analysis.bundle import BundleError
 
     for candidate, result in results.items():
-        if not result["passed"]:
+        if result.get("conversion_failed"):
+            log.warning(
+                "%s not used: %s (tried again at the next load)", candidate, result["reason"]
+            )
+        elif not result["passed"]:
             figures = gate.describe(result)
             log.warning(
                 "%s fails the agreement gate, not used: %s%s",
