@@ -19,7 +19,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ainode.cli import main  # noqa: E402
-from node.analysis import gate, quantize, threads  # noqa: E402
+from node.analysis import gate, quantize, runtimes, threads  # noqa: E402
 from node.analysis.analyze import analyze_instances  # noqa: E402
 from node.analysis.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
 from node.analysis.gate_data import GATE_FILE, write_gate_data  # noqa: E402
@@ -145,21 +145,50 @@ def gated(gated_source, tmp_path) -> Path:
 # ------------------------------------------------------------------------ the choice
 
 
-def test_demo_int8_fails_the_gate_and_auto_serves_onnx_fp32(demo_gated):
+def test_demo_int8_fails_the_gate_and_auto_serves_the_faster_fp32_runtime(demo_gated):
     folder, bundle, logged = demo_gated
-    fp32, int8 = bundle.gate["onnx"], bundle.gate["onnx-int8"]
-    assert bundle.runtime == "onnx" and fp32["passed"] is True
-    assert fp32["agreement"] == 1.0 and fp32["max_diff"] < 1e-3 and fp32["studies_identical"]
+    onnx, openvino, int8 = (bundle.gate[name] for name in ("onnx", "openvino", "onnx-int8"))
+    for fp32 in (onnx, openvino):
+        assert fp32["passed"] is True and fp32["agreement"] == 1.0
+        assert fp32["max_diff"] < 1e-3 and fp32["studies_identical"]
+    fastest = min(("onnx", "openvino"), key=lambda name: bundle.gate[name]["seconds_per_slice"])
+    assert bundle.runtime == fastest and bundle.batch_size == bundle.gate[fastest]["batch_size"]
     assert int8["passed"] is False
     assert int8["agreement"] < gate.MIN_AGREEMENT or int8["max_diff"] > gate.MAX_DIFFERENCE
     warning = next(line for line in logged.splitlines() if "onnx-int8 fails" in line)
     assert f"top-1 agreement {int8['agreement']:.2%}" in warning
     assert f"max probability difference {int8['max_diff']:.4f}" in warning
-    assert bundle.batch_size == fp32["batch_size"] in gate.BATCH_SIZES
+    assert bundle.batch_size in gate.BATCH_SIZES
     stored = json.loads((folder / "runtimes.json").read_text())
     assert stored["model_sha256"] == sha256_of(folder / "model.keras")
-    (gates,) = stored["gates"].values()
+    ((host, gates),) = stored["gates"].items()
     assert gates["onnx-int8"]["agreement"] == int8["agreement"]
+    assert f"| openvino {runtimes.openvino_version()}" in host  # a new OpenVINO gates again
+
+
+def test_openvino_answers_every_batch_shape_as_onnx_runtime_does(demo_gated):
+    folder, _, _ = demo_gated
+    openvino = ModelBundle.load(folder, runtime="openvino")
+    onnx = ModelBundle.load(folder, runtime="onnx")
+    slices = labelled(TEST_SEEDS)[0][:7]
+    assert openvino.runtime == "openvino"
+    for batch_size in (1, 3, 7, 2):  # shapes compiled as they come, the oldest dropped
+        probabilities, features = openvino.predict_with_features(slices, batch_size)
+        expected, expected_features = onnx.predict_with_features(slices, batch_size)
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+        np.testing.assert_allclose(features, expected_features, atol=1e-3)
+
+
+def test_without_openvino_auto_gates_the_others_and_a_request_for_it_is_refused(
+    demo_gated, tmp_path, monkeypatch
+):
+    """A host where the openvino package is not installed (simulated)."""
+    folder = copy_bundle(demo_gated[0], tmp_path / "demo")
+    monkeypatch.setattr(runtimes, "openvino_version", lambda: None)
+    bundle = ModelBundle.load(folder, runtime="auto")
+    assert set(bundle.gate) == {"onnx", "onnx-int8"} and bundle.runtime == "onnx"
+    with pytest.raises(BundleError, match="the openvino runtime needs the openvino package"):
+        ModelBundle.load(folder, runtime="openvino")
 
 
 def test_onnx_int8_by_name_is_refused_with_the_figures(demo_gated):
@@ -172,10 +201,11 @@ def test_onnx_int8_by_name_is_refused_with_the_figures(demo_gated):
 
 def test_auto_picks_int8_where_it_passes_the_gate_and_is_faster(gated):
     bundle = ModelBundle.load(gated, runtime="auto")
-    int8, fp32 = bundle.gate["onnx-int8"], bundle.gate["onnx"]
+    int8 = bundle.gate["onnx-int8"]
     assert int8["passed"] and int8["agreement"] >= gate.MIN_AGREEMENT
     assert int8["max_diff"] <= gate.MAX_DIFFERENCE and int8["studies_identical"]
-    assert int8["seconds_per_slice"] < fp32["seconds_per_slice"]
+    for fp32 in (bundle.gate["onnx"], bundle.gate["openvino"]):
+        assert fp32["passed"] and int8["seconds_per_slice"] < fp32["seconds_per_slice"]
     assert bundle.runtime == "onnx-int8" and bundle.batch_size == int8["batch_size"]
     slices = labelled(TEST_SEEDS)[0][:5]
     reference = ModelBundle.load(gated, runtime="keras").predict(slices)
@@ -190,7 +220,7 @@ def test_a_broken_quantisation_is_refused_and_auto_falls_back_to_fp32(gated, cap
     with caplog.at_level(logging.WARNING, logger="node.analysis"):
         bundle = ModelBundle.load(gated, runtime="auto")
     int8 = bundle.gate["onnx-int8"]
-    assert bundle.runtime == "onnx" and not int8["passed"]
+    assert bundle.runtime in ("onnx", "openvino") and not int8["passed"]
     assert f"top-1 agreement {int8['agreement']:.2%} < 99%" in int8["reason"]
     assert f"onnx-int8 fails the agreement gate, not used: {int8['reason']}" in caplog.text
     with pytest.raises(BundleError, match="onnx-int8 fails the agreement gate"):
@@ -215,7 +245,7 @@ def test_a_conversion_that_runs_out_of_memory_is_not_held_against_the_runtime(
     with caplog.at_level(logging.WARNING, logger="node.analysis"):
         bundle = ModelBundle.load(gated, runtime="auto")
     int8 = bundle.gate["onnx-int8"]
-    assert bundle.runtime == "onnx" and not int8["passed"]
+    assert bundle.runtime in ("onnx", "openvino") and not int8["passed"]
     assert int8["reason"].startswith("conversion failed: INT8 quantisation failed (Unable to")
     assert "onnx-int8 not used: conversion failed" in caplog.text
     assert "(tried again at the next load)" in caplog.text
@@ -306,12 +336,13 @@ def test_study_answers_are_identical_between_runtimes_on_a_phantom_study(demo_ga
     folder, served, _ = demo_gated
     _, paths = chest_series
     keras = analyze_instances(paths, ModelBundle.load(folder, runtime="keras")).result
-    onnx = analyze_instances(paths, served).result
-    assert served.runtime == "onnx"
-    assert onnx.predicted_class == keras.predicted_class == "Covid_19"
-    np.testing.assert_allclose(onnx.probabilities, keras.probabilities, atol=1e-4)
-    assert onnx.ood["flagged"] == keras.ood["flagged"]
-    assert onnx.decision["method"] == keras.decision["method"] == "operating point"
+    assert served.runtime in ("onnx", "openvino")
+    for runtime in ("onnx", "openvino"):
+        other = analyze_instances(paths, ModelBundle.load(folder, runtime=runtime)).result
+        assert other.predicted_class == keras.predicted_class == "Covid_19"
+        np.testing.assert_allclose(other.probabilities, keras.probabilities, atol=1e-4)
+        assert other.ood["flagged"] == keras.ood["flagged"]
+        assert other.decision["method"] == keras.decision["method"] == "operating point"
 
 
 def study_answers_of(bundle: ModelBundle, images: np.ndarray, studies: np.ndarray) -> dict:
@@ -403,8 +434,11 @@ def test_activate_runs_the_gate_with_a_progress_bar_and_prints_the_figures(
     assert main(["models", "activate", "covid-ct:1.0", "--by", "dr.cli"]) == 0
     out, err = capsys.readouterr()
     assert "activated covid-ct:1.0" in out
-    assert "runtime: onnx (model_runtime auto), batch " in out
+    served = ModelBundle.load(folder, runtime="auto")  # from the figures activate cached
+    assert served.runtime in ("onnx", "openvino")
+    assert f"runtime: {served.runtime} (model_runtime auto), batch {served.batch_size}" in out
     assert "onnx passes: top-1 agreement 100.00% (gate: >= 99%)" in out
+    assert "openvino passes: top-1 agreement 100.00% (gate: >= 99%)" in out
     assert "onnx-int8 fails (top-1 agreement" in out or "onnx-int8 fails (max probability" in out
     assert "Keras FP32 reference answers" in err and "step" in err  # the progress bar
     assert (folder / "runtimes.json").is_file()
