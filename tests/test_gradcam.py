@@ -111,6 +111,34 @@ def test_an_onnx_served_bundle_explains_with_its_keras_model(bundle):
     assert np.abs(mine.astype(int) - theirs).max() <= 1
 
 
+def test_maps_come_from_one_traced_graph_of_the_served_model_for_any_batch_and_size(bundle):
+    """The maps are computed in one TensorFlow graph, traced once for every batch and slice
+    size: its forward pass is the served model's (the features the answer came from, to float
+    rounding), and a batch of key slices gives the maps each slice gives alone."""
+    import tensorflow as tf
+
+    explainer = bundle.gradcam()
+    images = [
+        imaging.apply_window(
+            phantom.generate_hu_volume(
+                phantom.PhantomSpec(finding="covid", slices=SLICES, seed=seed, rows=side,
+                                    columns=side)
+            )[20],
+            imaging.LUNG,
+        )
+        for seed, side in ((2001, 256), (2002, 256), (2003, 192))
+    ]  # fmt: skip
+    batch = np.stack(images[:2])
+    together = explainer.maps(batch, 0)
+    for image, mine in zip(images[:2], together, strict=True):
+        assert np.array_equal(explainer.maps(image[np.newaxis], 0)[0], mine)
+    assert explainer.maps(images[2][np.newaxis], 0).shape == (1, 8, 8)
+    assert explainer._compiled.experimental_get_tracing_count() == 1
+    _, served = bundle.predict_with_features(batch)
+    _, pooled = tf.function(explainer._parts.features)(tf.constant(batch[..., np.newaxis]))
+    assert np.abs(pooled.numpy() - served).max() <= 1e-4 * np.abs(served).max()
+
+
 def test_the_sr_names_the_key_slices_and_they_carry_their_maps(bundle, tmp_path):
     """A phantom study analysed as the worker does: each key slice gets its map, and the SR
     references the key slices as "Best illustration of finding", strongest first."""
