@@ -5,12 +5,12 @@
 once in ``--work`` and reused) on windowed 512 x 512 phantom lung slices:
 
 - Keras per image: one ``model.predict`` per slice, as the seed paper's app does;
-- Keras batched, ONNX Runtime FP32 and INT8, OpenVINO FP32: the node's own runtimes
+- Keras batched, ONNX Runtime FP32 and INT8, OpenVINO FP32 and BF16: the node's own runtimes
   (``ModelBundle.load(runtime=...)``; INT8 is its static QDQ quantisation, calibrated on the
   bundle's gate slices), with the node's agreement gate as it recorded it (one that fails the
   gate is timed all the same on the node's cached model and marked FAIL: never served);
-- OpenVINO BF16 and INT8 (the node's INT8 QDQ model read by OpenVINO), which the node does
-  not offer, put through the same gate here (:mod:`node.analysis.gate`);
+- OpenVINO INT8 (the node's INT8 QDQ model read by OpenVINO), which the node does not
+  offer, put through the same gate here (:mod:`node.analysis.gate`);
 - with ``--gpu``: Keras FP32 (TF32 off) and mixed_float16 on the GPU, ONNX Runtime's CUDA and
   TensorRT (FP32, FP16) execution providers, each gated here; each says why it was skipped
   where it cannot run (``bench/gpu.sh`` installs what they need on a GPU host).
@@ -294,8 +294,8 @@ def gated_out(folder: Path, runtime: str, threads: int) -> tuple[gate.Runner, di
     figures = cache["gates"].get(runtimes.host_keys(threads)[0], {}).get(runtime)
     if figures is None:
         raise Unavailable(f"the node recorded no gate for {runtime} on this host")
-    if runtime == "openvino":
-        return runtimes.OpenVinoRunner(model.read_bytes(), threads), figures
+    if runtime in runtimes.OPENVINO:
+        return runtimes.OpenVinoRunner(model.read_bytes(), threads, runtime), figures
     return runtimes.OnnxRunner(model.read_bytes(), runtime, threads), figures
 
 
@@ -304,7 +304,7 @@ def make_runner(runtime: str, folder: Path, threads: int) -> tuple[gate.Runner, 
     the gate figures the node recorded; :class:`Unavailable` says why it cannot run."""
     if runtime == "keras-per-image":
         return keras_per_image(folder), None
-    if runtime in ("keras", "onnx", "onnx-int8", "openvino"):
+    if runtime in ("keras", "onnx", "onnx-int8", "openvino", "openvino-bf16"):
         try:
             bundle = load_bundle(folder, runtime, threads)
         except Unavailable as exc:
@@ -313,8 +313,6 @@ def make_runner(runtime: str, folder: Path, threads: int) -> tuple[gate.Runner, 
             print(f"    {runtime:<16} fails the node's gate: timed anyway, never served")
             return gated_out(folder, runtime, threads)
         return bundle_runner(bundle), bundle.gate.get(runtime)
-    if runtime == "openvino-bf16":
-        return openvino_runner(onnx_file(folder, threads), "bf16", threads), None
     if runtime == "openvino-int8":
         return openvino_runner(int8_file(folder, threads), "f32", threads), None
     if runtime in ("keras-gpu", "keras-mixed"):

@@ -105,7 +105,9 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     # auto: Keras on a GPU; on a CPU the fastest of ONNX Runtime FP32 and INT8 that passes the
     # bundle's agreement gate (node.analysis.runtimes), Keras when none does
-    model_runtime: str = Field("auto", pattern="^(auto|keras|onnx|onnx-int8|openvino)$")
+    model_runtime: str = Field(
+        "auto", pattern="^(auto|keras|onnx|onnx-int8|openvino|openvino-bf16)$"
+    )
     # ONNX Runtime intra-op threads per worker; 0: the CPUs this process may use divided among
     # the host's model-serving `ainode worker` processes (node.analysis.threads)
     model_threads: int = Field(0, ge=0)

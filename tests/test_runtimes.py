@@ -132,13 +132,19 @@ def gated_source(tmp_path_factory) -> Path:
     info = info.replace(name="threshold", version="1", demo=False, input_size=SIDE)
     folder = write_bundle(threshold_model(fit, labels), info, tmp_path_factory.mktemp("t") / "b")
     write_gate(folder, calibration)
-    ModelBundle.load(folder, runtime="auto")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtimes, "bf16_arithmetic", lambda: False)
+        ModelBundle.load(folder, runtime="auto")
     return folder
 
 
 @pytest.fixture
-def gated(gated_source, tmp_path) -> Path:
-    """A private copy of the threshold bundle, its caches included."""
+def gated(gated_source, tmp_path, monkeypatch) -> Path:
+    """A private copy of the threshold bundle, its caches included, on a CPU without BF16
+    arithmetic (simulated: most hospital servers), where ONNX Runtime INT8 is the fastest
+    candidate; this host's OpenVINO BF16 is the threshold model's fastest (see
+    :func:`test_auto_serves_openvino_bf16_where_the_cpu_has_it_and_it_passes`)."""
+    monkeypatch.setattr(runtimes, "bf16_arithmetic", lambda: False)
     return copy_bundle(gated_source, tmp_path / "gated")
 
 
@@ -151,7 +157,8 @@ def test_demo_int8_fails_the_gate_and_auto_serves_the_faster_fp32_runtime(demo_g
     for fp32 in (onnx, openvino):
         assert fp32["passed"] is True and fp32["agreement"] == 1.0
         assert fp32["max_diff"] < 1e-3 and fp32["studies_identical"]
-    fastest = min(("onnx", "openvino"), key=lambda name: bundle.gate[name]["seconds_per_slice"])
+    passing = [name for name, figures in bundle.gate.items() if figures["passed"]]
+    fastest = min(passing, key=lambda name: bundle.gate[name]["seconds_per_slice"])
     assert bundle.runtime == fastest and bundle.batch_size == bundle.gate[fastest]["batch_size"]
     assert int8["passed"] is False
     assert int8["agreement"] < gate.MIN_AGREEMENT or int8["max_diff"] > gate.MAX_DIFFERENCE
@@ -187,8 +194,27 @@ def test_without_openvino_auto_gates_the_others_and_a_request_for_it_is_refused(
     monkeypatch.setattr(runtimes, "openvino_version", lambda: None)
     bundle = ModelBundle.load(folder, runtime="auto")
     assert set(bundle.gate) == {"onnx", "onnx-int8"} and bundle.runtime == "onnx"
-    with pytest.raises(BundleError, match="the openvino runtime needs the openvino package"):
-        ModelBundle.load(folder, runtime="openvino")
+    for runtime in ("openvino", "openvino-bf16"):
+        with pytest.raises(BundleError, match=f"the {runtime} runtime needs the openvino package"):
+            ModelBundle.load(folder, runtime=runtime)
+
+
+def test_openvino_bf16_is_a_candidate_only_where_the_cpu_computes_in_bf16(
+    demo_gated, tmp_path, monkeypatch
+):
+    folder, bundle, _ = demo_gated
+    if runtimes.bf16_arithmetic():  # this project's machines: AVX-512 BF16
+        bf16 = bundle.gate["openvino-bf16"]
+        assert bf16["studies_identical"] in (True, False) and "agreement" in bf16
+        if not bf16["passed"]:
+            assert bundle.runtime != "openvino-bf16"
+            with pytest.raises(BundleError, match="openvino-bf16 fails the agreement gate"):
+                ModelBundle.load(folder, runtime="openvino-bf16")
+    copy = copy_bundle(folder, tmp_path / "demo")
+    monkeypatch.setattr(runtimes, "bf16_arithmetic", lambda: False)  # an older CPU (simulated)
+    assert "openvino-bf16" not in ModelBundle.load(copy, runtime="auto").gate
+    with pytest.raises(BundleError, match="openvino-bf16 runtime needs a CPU with BF16"):
+        ModelBundle.load(copy, runtime="openvino-bf16")
 
 
 def test_onnx_int8_by_name_is_refused_with_the_figures(demo_gated):
@@ -210,6 +236,22 @@ def test_auto_picks_int8_where_it_passes_the_gate_and_is_faster(gated):
     slices = labelled(TEST_SEEDS)[0][:5]
     reference = ModelBundle.load(gated, runtime="keras").predict(slices)
     assert np.abs(bundle.predict(slices) - reference).max() <= gate.MAX_DIFFERENCE
+
+
+def test_auto_serves_openvino_bf16_where_the_cpu_has_it_and_it_passes(gated, monkeypatch):
+    monkeypatch.undo()  # this host's CPU as it is
+    if not runtimes.bf16_arithmetic():
+        pytest.fail("this project's machines compute in BF16 (AVX-512 BF16): the CPU changed")
+    bundle = ModelBundle.load(gated, runtime="auto")
+    bf16 = bundle.gate["openvino-bf16"]
+    assert bf16["passed"] and bf16["agreement"] >= gate.MIN_AGREEMENT
+    assert 0 < bf16["max_diff"] <= gate.MAX_DIFFERENCE  # BF16 does round: never bit-identical
+    passing = {name: figures for name, figures in bundle.gate.items() if figures["passed"]}
+    assert bundle.runtime == min(passing, key=lambda name: passing[name]["seconds_per_slice"])
+    slices = labelled(TEST_SEEDS)[0][:5]
+    reference = ModelBundle.load(gated, runtime="keras").predict(slices)
+    served = ModelBundle.load(gated, runtime="openvino-bf16")
+    assert np.abs(served.predict(slices) - reference).max() <= gate.MAX_DIFFERENCE
 
 
 def test_a_broken_quantisation_is_refused_and_auto_falls_back_to_fp32(gated, caplog):
@@ -241,8 +283,11 @@ def test_a_conversion_that_runs_out_of_memory_is_not_held_against_the_runtime(
     def no_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate 9.6 GiB for an array")
 
-    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", no_memory)
-    with caplog.at_level(logging.WARNING, logger="node.analysis"):
+    with (
+        monkeypatch.context() as patch,
+        caplog.at_level(logging.WARNING, logger="node.analysis"),
+    ):
+        patch.setattr(onnxruntime.quantization, "quantize_static", no_memory)
         bundle = ModelBundle.load(gated, runtime="auto")
     int8 = bundle.gate["onnx-int8"]
     assert bundle.runtime in ("onnx", "openvino") and not int8["passed"]
@@ -252,7 +297,6 @@ def test_a_conversion_that_runs_out_of_memory_is_not_held_against_the_runtime(
     cached = json.loads((gated / "runtimes.json").read_text())
     assert all("onnx-int8" not in host for host in cached["gates"].values())
     assert not (gated / "model.int8.onnx").exists()
-    monkeypatch.undo()
     assert ModelBundle.load(gated, runtime="auto").runtime == "onnx-int8"
 
 

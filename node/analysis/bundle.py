@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # Must equal node.analysis.imaging.PREPROCESSING_VERSION (a test checks); a new version of the pixel
 # pipeline means old bundles are refused rather than fed pixels they were not trained on.
 PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
-RUNTIMES = ("auto", "keras", "onnx", "onnx-int8", "openvino")
+RUNTIMES = ("auto", "keras", "onnx", "onnx-int8", "openvino", "openvino-bf16")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
 # what the node derives from a bundle on its host: never carried into a rewritten bundle
@@ -312,8 +312,8 @@ class ModelBundle:
             ``keras`` (TensorFlow), ``onnx`` (ONNX Runtime FP32; ``model.onnx`` is exported
             from ``model.keras`` on first use and cached beside it), ``onnx-int8`` (ONNX
             Runtime INT8, made from the export with the bundle's calibration slices and
-            cached as ``model.int8.onnx``), ``openvino`` (the ONNX export on OpenVINO's CPU
-            plugin, FP32) or ``auto``: Keras where a GPU is visible, else
+            cached as ``model.int8.onnx``), ``openvino`` / ``openvino-bf16`` (the ONNX export
+            on OpenVINO's CPU plugin, FP32 / BF16) or ``auto``: Keras where a GPU is visible, else
             the fastest ONNX candidate that passes the agreement gate
             (:mod:`node.analysis.runtimes`), Keras when none does, when onnxruntime or tf2onnx
             is missing or when the export fails (logged). A bundle without gate data is served

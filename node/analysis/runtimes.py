@@ -1,8 +1,9 @@
 """Which runtime serves a bundle on this host: the fastest that passes the agreement gate.
 
 The candidates on a CPU are ONNX Runtime FP32 (``onnx``) and INT8 (``onnx-int8``,
-:mod:`node.analysis.quantize`) and OpenVINO FP32 (``openvino``, the same ONNX export on
-OpenVINO's CPU plugin, where the ``openvino`` package is installed); Keras FP32 is the
+:mod:`node.analysis.quantize`) and, where the ``openvino`` package is installed, OpenVINO
+FP32 (``openvino``, the same ONNX export on OpenVINO's CPU plugin) and, on a CPU with BF16
+arithmetic (AVX-512 BF16, AMX), OpenVINO BF16 (``openvino-bf16``); Keras FP32 is the
 reference they are gated against
 (:mod:`node.analysis.gate`) and what serves when none passes. Each passing candidate is timed
 at every batch size of :data:`node.analysis.gate.BATCH_SIZES` and the fastest candidate at
@@ -39,7 +40,8 @@ from node.analysis.threads import available_cpus
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "runtimes.json"
-CANDIDATES = ("onnx", "onnx-int8", "openvino")
+CANDIDATES = ("onnx", "onnx-int8", "openvino", "openvino-bf16")
+OPENVINO = {"openvino": "f32", "openvino-bf16": "bf16"}  # runtime: inference precision
 _OPENVINO_SHAPES = 4  # compiled batch shapes kept per OpenVINO model (a series uses one or two)
 _FORMAT = 1
 _MEMORY: dict[tuple[str, str, str], dict] = {}  # figures of bundles that cannot be written
@@ -74,16 +76,16 @@ class OnnxRunner:
 
 class OpenVinoRunner:
     """OpenVINO's CPU plugin on the FP32 ONNX export: ``threads`` inference threads, one
-    stream, float32 arithmetic (on a CPU with BF16 the plugin would otherwise pick BF16, whose
-    answers the gate refuses: EfficientNetB7 @512 agreed on 89 % of slices). Each batch shape
-    is compiled once (static shapes are the plugin's fast path; the last few are kept)."""
+    stream, the arithmetic of ``runtime`` (:data:`OPENVINO`: float32 always for ``openvino``;
+    on a CPU with BF16 the plugin would otherwise pick BF16 itself). Each batch shape is
+    compiled once (static shapes are the plugin's fast path; the last few are kept)."""
 
-    def __init__(self, model_bytes: bytes, threads: int = 1) -> None:
+    def __init__(self, model_bytes: bytes, threads: int = 1, runtime: str = "openvino") -> None:
         import openvino as ov
 
         from node.analysis.bundle import BundleError
 
-        self.runtime = "openvino"
+        self.runtime = runtime
         self._core = ov.Core()
         try:
             self._model = self._core.read_model(model_bytes)
@@ -92,7 +94,7 @@ class OpenVinoRunner:
         if len(self._model.outputs) != 2:
             raise BundleError(f"the ONNX model gives {len(self._model.outputs)} outputs, not 2")
         self._config = {
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": OPENVINO[runtime],
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": threads,
@@ -123,6 +125,22 @@ def openvino_version() -> str | None:
     except ImportError:
         return None
     return openvino.__version__
+
+
+def bf16_arithmetic() -> bool:
+    """Whether OpenVINO's CPU plugin can compute in BF16 on this CPU."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _unavailable(candidate: str) -> str | None:
+    """Why ``candidate`` cannot run on this host, None when it can."""
+    if candidate in OPENVINO and not openvino_version():
+        return f"the {candidate} runtime needs the openvino package"
+    if candidate == "openvino-bf16" and not bf16_arithmetic():
+        return "the openvino-bf16 runtime needs a CPU with BF16 arithmetic"
+    return None
 
 
 @dataclass
@@ -227,9 +245,9 @@ def choose_runtime(
     from node.analysis.bundle import BundleError
 
     if requested == "auto":
-        candidates = tuple(c for c in CANDIDATES if c != "openvino" or openvino_version())
-    elif requested == "openvino" and not openvino_version():
-        raise BundleError(f"{folder}: the openvino runtime needs the openvino package")
+        candidates = tuple(c for c in CANDIDATES if _unavailable(c) is None)
+    elif _unavailable(requested):
+        raise BundleError(f"{folder}: {_unavailable(requested)}")
     else:
         candidates = (requested,)
     cache = read_cache(folder, model_sha256, data.sha256)
@@ -252,8 +270,8 @@ def choose_runtime(
         if candidate in runners:
             return runners[candidate]
         model = once("onnx", float_model)
-        if candidate == "openvino":
-            runners[candidate] = OpenVinoRunner(model, threads)
+        if candidate in OPENVINO:
+            runners[candidate] = OpenVinoRunner(model, threads, candidate)
             return runners[candidate]
         if candidate != "onnx-int8":
             runners[candidate] = OnnxRunner(model, candidate, threads)
