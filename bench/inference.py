@@ -244,36 +244,6 @@ def ort_gpu(folder: Path, provider: str, fp16: bool = False) -> gate.Runner:
     return lambda batch: tuple(session.run(None, {name: batch}))
 
 
-def openvino_runner(model: Path, precision: str, threads: int) -> gate.Runner:
-    """OpenVINO's CPU plugin on an ONNX file with float layers at ``precision`` (f32, bf16; a
-    QDQ model's quantised layers run in INT8 either way); one compiled shape per batch size."""
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise Unavailable(f"openvino is not installed (pip install openvino): {exc}") from exc
-    from node.analysis.threads import intra_op_threads
-
-    core = ov.Core()
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise Unavailable("this CPU has no BF16 arithmetic")
-    config = {
-        "INFERENCE_PRECISION_HINT": precision,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": intra_op_threads(threads),
-    }
-    compiled: dict[tuple, object] = {}
-
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if batch.shape not in compiled:
-            network = core.read_model(str(model))
-            network.reshape({network.inputs[0].get_any_name(): list(batch.shape)})
-            compiled[batch.shape] = core.compile_model(network, "CPU", config)
-        outputs = compiled[batch.shape]([batch])
-        return outputs[0], outputs[1]
-
-    return run
-
-
 def gated_out(folder: Path, runtime: str, threads: int) -> tuple[gate.Runner, dict]:
     """A node runtime that failed the agreement gate, run anyway to time it (the node never
     serves it): its cached model on the node's own session, and the gate's figures."""
@@ -314,7 +284,11 @@ def make_runner(runtime: str, folder: Path, threads: int) -> tuple[gate.Runner, 
             return gated_out(folder, runtime, threads)
         return bundle_runner(bundle), bundle.gate.get(runtime)
     if runtime == "openvino-int8":
-        return openvino_runner(int8_file(folder, threads), "f32", threads), None
+        from node.analysis.runtimes import OpenVinoRunner
+        from node.analysis.threads import intra_op_threads
+
+        model = int8_file(folder, threads).read_bytes()  # its QDQ layers run in INT8
+        return OpenVinoRunner(model, intra_op_threads(threads)), None
     if runtime in ("keras-gpu", "keras-mixed"):
         return keras_gpu(folder, mixed=runtime == "keras-mixed"), None
     if runtime == "ort-cuda":

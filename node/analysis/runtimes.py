@@ -172,8 +172,8 @@ def host_keys(threads: int) -> tuple[str, str]:
     import onnxruntime
 
     gate_key = f"{cpu_model()} | onnxruntime {onnxruntime.__version__}"
-    if openvino_version():
-        gate_key += f" | openvino {openvino_version()}"
+    if openvino := openvino_version():
+        gate_key += f" | openvino {openvino}"
     return gate_key, f"{gate_key} | {available_cpus()} cpus | {threads} threads"
 
 
@@ -246,8 +246,8 @@ def choose_runtime(
 
     if requested == "auto":
         candidates = tuple(c for c in CANDIDATES if _unavailable(c) is None)
-    elif _unavailable(requested):
-        raise BundleError(f"{folder}: {_unavailable(requested)}")
+    elif why := _unavailable(requested):
+        raise BundleError(f"{folder}: {why}")
     else:
         candidates = (requested,)
     cache = read_cache(folder, model_sha256, data.sha256)
