@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from node.analysis.bundle_format import RUNTIMES
+
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"  # the bundle shipped with the node
@@ -104,10 +106,8 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     model_dir: Path | None = None
     # auto: Keras on a GPU; on a CPU the fastest of ONNX Runtime FP32 and INT8 that passes the
-    # bundle's agreement gate (node.analysis.runtimes), Keras when none does
-    model_runtime: str = Field(
-        "auto", pattern="^(auto|keras|onnx|onnx-int8|openvino|openvino-bf16)$"
-    )
+    # bundle's agreement gate (node.analysis.runtimes), Keras when none does; one of RUNTIMES
+    model_runtime: str = Field("auto", pattern=f"^({'|'.join(RUNTIMES)})$")
     # ONNX Runtime intra-op threads per worker; 0: the CPUs this process may use divided among
     # the host's model-serving `ainode worker` processes (node.analysis.threads)
     model_threads: int = Field(0, ge=0)

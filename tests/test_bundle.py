@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from node.analysis import (
     bundle,  # noqa: E402
     imaging,  # noqa: E402
+    keras_model,  # noqa: E402
 )
 from node.analysis.bundle import BundleError, ModelBundle, ModelInfo, write_bundle  # noqa: E402
 from node.analysis.result import CLASSES, ModelIdentity, aggregate  # noqa: E402
@@ -192,7 +193,7 @@ def test_auto_runtime_serves_onnx_on_a_cpu_and_keras_where_a_gpu_is(
         raise BundleError(f"{model_file}: cannot be exported to ONNX (op Foo)")
 
     (tiny_bundle / "model.onnx").unlink()
-    monkeypatch.setattr(bundle, "_export_onnx", cannot_export)
+    monkeypatch.setattr(keras_model, "_export_onnx", cannot_export)
     with caplog.at_level(logging.WARNING, logger="node.analysis.bundle"):
         served = ModelBundle.load(tiny_bundle, runtime="auto")
     assert served.runtime == "keras"

@@ -282,7 +282,7 @@ def test_activation_prepares_the_runtime_the_workers_will_use(
     try:
         folder = add_bundle(built.settings, "covid-ct", "3.0")
         (folder / "model.onnx").unlink(missing_ok=True)
-        caplog.set_level(logging.INFO, logger="node.analysis.bundle")
+        caplog.set_level(logging.INFO, logger="node.analysis.keras_model")
         activate(built, "covid-ct:3.0")
     finally:
         built.close()

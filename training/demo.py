@@ -191,7 +191,8 @@ def reuse_fit(args: argparse.Namespace, run: Path) -> None:
     """
     import shutil
 
-    from node.analysis.bundle import INFO_FILE, MODEL_FILE, ModelInfo
+    from node.analysis.bundle_format import INFO_FILE, MODEL_FILE
+    from node.analysis.model_info import ModelInfo
     from training.fit import BEST_MODEL, FIT_DIR, OPTIONS_FILE, SUMMARY_FILE
     from training.options import FitOptions
 
@@ -233,7 +234,8 @@ def reuse_fit(args: argparse.Namespace, run: Path) -> None:
 def same_test_answers(bundle: Path, run: Path) -> None:
     """The reused model, evaluated here, must score what it scored on its own test split:
     the same images, the same answers."""
-    from node.analysis.bundle import INFO_FILE, ModelInfo
+    from node.analysis.bundle_format import INFO_FILE
+    from node.analysis.model_info import ModelInfo
     from training.scoring import read_evaluation
 
     before = ModelInfo.from_json(bundle / INFO_FILE).metrics

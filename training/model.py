@@ -9,7 +9,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from node.analysis.bundle import INFO_FILE, ModelInfo
+from node.analysis.bundle_format import INFO_FILE
+from node.analysis.model_info import ModelInfo
 
 LITE_BACKBONES = tuple(f"EfficientNetLite{i}" for i in range(3))
 BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + LITE_BACKBONES

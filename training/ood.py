@@ -144,7 +144,7 @@ def fit_ood(
 ) -> tuple[dict, dict, list[Path]]:
     """``(ood, report, files)``: what ``model.json`` carries, what the evaluation report
     shows, and the files written in ``out`` that go into the bundle beside ``model.json``."""
-    from node.analysis.bundle import feature_model
+    from node.analysis.keras_model import feature_model
 
     features_of = feature_model(model)
     train = split_features(features_of, run, "train", True, progress)

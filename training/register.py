@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from node.analysis import imaging
-from node.analysis.bundle import BUNDLE_FORMAT, ModelInfo, write_bundle
+from node.analysis.bundle import write_bundle
+from node.analysis.bundle_format import BUNDLE_FORMAT
 from node.analysis.gate_data import GATE_FILE, write_gate_data
+from node.analysis.model_info import ModelInfo
 from node.analysis.result import CLASSES
 from training.fit import FIT_DIR, OPTIONS_FILE, SUMMARY_FILE
 from training.scoring import EVALUATION_DIR, checkpoint_path, read_evaluation

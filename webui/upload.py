@@ -25,8 +25,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from node.analysis import gradcam
 from node.analysis.analyze import AnalysisOptions
-from node.analysis.bundle import INFO_FILE, BundleError, ModelInfo
+from node.analysis.bundle_format import INFO_FILE
 from node.analysis.classify import ClassifyError, read_input
+from node.analysis.model_info import BundleError, ModelInfo
 from node.records.db import UploadJob, UploadStatus
 from node.records.registry import active_model_dir
 from node.workflow import uploads

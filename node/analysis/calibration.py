@@ -31,7 +31,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node.analysis.bundle import BundleError
+from node.analysis.model_info import BundleError
 from node.analysis.result import RULES, aggregate
 
 METHOD = "temperature"

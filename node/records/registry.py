@@ -19,7 +19,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.analysis.bundle import INFO_FILE, MODEL_FILE, BundleError, ModelBundle, ModelInfo
+from node.analysis.bundle import ModelBundle
+from node.analysis.bundle_format import INFO_FILE, MODEL_FILE
+from node.analysis.model_info import BundleError, ModelInfo
 from node.records.db import ModelActivation
 from node.settings import DEMO_MODEL_DIR, Settings
 
@@ -173,11 +175,11 @@ def activate(
     """Record ``NAME:VERSION`` as the active model once its bundle is proven to load.
 
     The caller commits. Raises ValueError for an unsafe name, LookupError for an unknown
-    model and :class:`~node.bundle.BundleError` for a bundle the node cannot serve. While
-    ``model_dir`` is set the row is still written but has no effect (``active`` is False):
-    the caller tells the user. The returned model's ``loaded`` is the bundle as loaded
-    (its runtime, gate figures and batch size); ``progress`` shows the conversion and the
-    agreement gate as a progress bar on stderr.
+    model and :class:`~node.analysis.model_info.BundleError` for a bundle the node cannot
+    serve. While ``model_dir`` is set the row is still written but has no effect (``active``
+    is False): the caller tells the user. The returned model's ``loaded`` is the bundle as
+    loaded (its runtime, gate figures and batch size); ``progress`` shows the conversion and
+    the agreement gate as a progress bar on stderr.
     """
     name, version = parse_ref(ref)
     model = find_model(settings, name, version)
@@ -201,8 +203,8 @@ def activate(
 def active_model_dir(settings: Settings, session: Session | None, must_exist: bool = True) -> Path:
     """The folder of the model to serve: pinned ``model_dir``, newest activation, built-in demo.
 
-    Raises :class:`~node.bundle.BundleError` when the activated bundle's folder is gone
-    (unless ``must_exist`` is false, as when listing).
+    Raises :class:`~node.analysis.model_info.BundleError` when the activated bundle's folder
+    is gone (unless ``must_exist`` is false, as when listing).
     """
     if settings.model_dir is not None:
         return settings.model_dir

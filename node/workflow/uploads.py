@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from node import atomic
 from node.analysis import gradcam
 from node.analysis.analyze import AnalysisOptions
-from node.analysis.bundle import BundleError
 from node.analysis.classify import ClassifyError, answer_image, read_input
+from node.analysis.model_info import BundleError
 from node.records.db import UploadJob, UploadStatus, utcnow
 from node.settings import Settings
 
