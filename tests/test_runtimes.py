@@ -328,6 +328,53 @@ def test_conversion_and_gate_are_cached_and_made_again_when_model_keras_changes(
     assert quantize.cached_int8(gated, stored["model_sha256"], stored["gate_sha256"])
 
 
+def int8_weights(folder: Path) -> np.ndarray:
+    """The quantised convolution weights of ``folder``'s INT8 model, flattened."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model(folder / "model.int8.onnx")
+    values = [
+        numpy_helper.to_array(tensor).ravel()
+        for tensor in model.graph.initializer
+        if tensor.data_type == onnx.TensorProto.INT8
+    ]
+    return np.concatenate(values)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_weights_are_8_bit_with_vnni_and_7_bit_without(gated, monkeypatch, caplog, vnni):
+    """Without VNNI, ONNX Runtime's x86 kernels sum pairs of uint8 x int8 products in 16
+    bits, which saturate: the weights then take 7 bits. The INT8 model and the gate's
+    figures say which recipe, so a bundle moved to another CPU is quantised and gated again."""
+    for name in CACHES:
+        (gated / name).unlink()
+    monkeypatch.setattr(quantize, "int8_dot_products", lambda: vnni)
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        bundle = ModelBundle.load(gated, runtime="auto")
+    bits, recipe, largest = (8, "qdq-u8s8-", 127) if vnni else (7, "qdq-u8s7-", 64)
+    assert f"calibration slices ({bits}-bit weights" in caplog.text
+    # symmetric per channel: each channel's largest weight is the range's end, 127 or 64
+    assert np.abs(int8_weights(gated).astype(np.int16)).max() == largest
+    stored = json.loads((gated / "runtimes.json").read_text())
+    assert any(recipe in key for key in stored["gates"]) and quantize.recipe().startswith(recipe)
+    assert "onnx-int8" in bundle.gate
+    caplog.clear()
+    monkeypatch.setattr(quantize, "int8_dot_products", lambda: not vnni)  # another CPU
+    with caplog.at_level(logging.INFO, logger="node.analysis"):
+        ModelBundle.load(gated, runtime="auto")
+    assert f"({15 - bits}-bit weights" in caplog.text
+
+
+def test_cpu_flags_tell_vnni_from_the_cpu_description():
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2\n"
+    vnni = avx2.replace("avx2", "avx2 avx512f avx512_vnni")
+    assert "avx2" in quantize.cpu_flags(avx2)
+    assert not quantize.cpu_flags(avx2) & quantize.VNNI_FLAGS
+    assert quantize.cpu_flags(vnni) & quantize.VNNI_FLAGS == {"avx512_vnni"}
+    assert quantize.cpu_flags("model name : unknown\n") == frozenset()
+
+
 def test_a_bundle_the_node_cannot_write_keeps_the_figures_in_memory(gated, caplog):
     """(Tests run as root, whom permissions do not stop: the cache names are taken by
     folders, so every write fails as on a read-only mount.)"""

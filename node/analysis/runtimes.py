@@ -167,11 +167,11 @@ def cpu_model() -> str:
 
 
 def host_keys(threads: int) -> tuple[str, str]:
-    """The keys the gate (CPU model, onnxruntime and openvino) and the timings (also CPUs,
-    threads) are kept under in ``runtimes.json``."""
+    """The keys the gate (CPU model, onnxruntime, the INT8 recipe, openvino) and the timings
+    (also CPUs, threads) are kept under in ``runtimes.json``."""
     import onnxruntime
 
-    gate_key = f"{cpu_model()} | onnxruntime {onnxruntime.__version__}"
+    gate_key = f"{cpu_model()} | onnxruntime {onnxruntime.__version__} | {quantize.recipe()}"
     if openvino := openvino_version():
         gate_key += f" | openvino {openvino}"
     return gate_key, f"{gate_key} | {available_cpus()} cpus | {threads} threads"
