@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     # analysis
     broker_url: str | None = None
     model_dir: Path | None = None
-    # auto: Keras on a GPU; on a CPU the fastest of ONNX Runtime FP32 and INT8 that passes the
-    # bundle's agreement gate (node.analysis.runtimes), Keras when none does; one of RUNTIMES
+    # auto: Keras on a GPU; on a CPU the fastest of ONNX Runtime FP32/INT8 and OpenVINO
+    # FP32/BF16 that passes the bundle's agreement gate (node.analysis.runtimes), Keras when
+    # none does; one of RUNTIMES
     model_runtime: str = Field("auto", pattern=f"^({'|'.join(RUNTIMES)})$")
     # ONNX Runtime intra-op threads per worker; 0: the CPUs this process may use divided among
     # the host's model-serving `ainode worker` processes (node.analysis.threads)

@@ -12,8 +12,9 @@ PREPROCESSING_VERSIONS = frozenset({"hu-window-uint8/1"})
 RUNTIMES = ("auto", "keras", "onnx", "onnx-int8", "openvino", "openvino-bf16")
 INPUT_SIZE_RANGE = (32, 1024)
 MODEL_FILE, INFO_FILE, ONNX_FILE = "model.keras", "model.json", "model.onnx"
+INT8_FILE = "model.int8.onnx"  # node.analysis.quantize
 # what the node derives from a bundle on its host: never carried into a rewritten bundle
-CACHE_FILES = (ONNX_FILE, "model.int8.onnx", "runtimes.json")
+CACHE_FILES = (ONNX_FILE, INT8_FILE, "runtimes.json")
 # model.json's format: 1 (no field) = class, probabilities, model identity; 2 adds what makes
 # an answer checkable — calibration, operating point, out-of-distribution statistics. A bundle
 # of format 1 is still served: uncalibrated, the most probable class, no OOD warning.

@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from node import atomic
+from node.analysis.bundle_format import INT8_FILE
+from node.analysis.threads import cpuinfo, parse_cpuinfo
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model.int8.onnx"
 # a new recipe makes cached models stale; {weights}: s8 with VNNI, s7 without (see above)
 RECIPE = "qdq-u8{weights}-per-channel-minmax/1"
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo's names
@@ -52,19 +53,11 @@ class QuantizationError(RuntimeError):
     """The float model could not be quantised (the message says why)."""
 
 
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The instruction-set flags of this CPU (``cpuinfo``: the text of ``/proc/cpuinfo``,
-    read when not given); empty where they cannot be read (not Linux)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+def cpu_flags(text: str | None = None) -> frozenset[str]:
+    """The instruction-set flags of this CPU, or of the ``/proc/cpuinfo`` ``text`` given;
+    empty where they cannot be read (not Linux)."""
+    entries = cpuinfo() if text is None else parse_cpuinfo(text)
+    return frozenset(entries.get("flags", "").split())
 
 
 def int8_dot_products() -> bool:
@@ -73,9 +66,11 @@ def int8_dot_products() -> bool:
     return bool(cpu_flags() & VNNI_FLAGS)
 
 
-def recipe() -> str:
-    """The quantisation recipe on this host (kept in the INT8 model and in the gate's key)."""
-    return RECIPE.format(weights="s8" if int8_dot_products() else "s7")
+def recipe(vnni: bool | None = None) -> str:
+    """The quantisation recipe (kept in the INT8 model and in the gate's key) on a CPU with
+    or without VNNI; on this host's CPU when ``vnni`` is not given."""
+    vnni = int8_dot_products() if vnni is None else vnni
+    return RECIPE.format(weights="s8" if vnni else "s7")
 
 
 def cached_int8(folder: Path, source_sha256: str, gate_sha256: str) -> bytes | None:
@@ -115,7 +110,8 @@ def int8_model(
         return cached
     import onnx
 
-    reduced = not int8_dot_products()
+    vnni = int8_dot_products()
+    current, reduced = recipe(vnni), not vnni
     log.info(
         "%s: quantising to INT8 on %d calibration slices (%d-bit weights%s)",
         folder,
@@ -128,7 +124,7 @@ def int8_model(
     kept = [p for p in proto.metadata_props if not p.key.startswith("ainode.")]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
-    for key, value in zip(_KEYS, (source_sha256, gate_sha256, recipe()), strict=True):
+    for key, value in zip(_KEYS, (source_sha256, gate_sha256, current), strict=True):
         proto.metadata_props.add(key=key, value=value)
     try:
         onnx.checker.check_model(proto)
@@ -140,7 +136,7 @@ def int8_model(
         atomic.write_bytes(target, data, mode=0o644)
     except OSError as exc:
         log.warning("%s: cannot cache the INT8 model (%s); kept in memory", target, exc)
-        _MEMORY[(str(Path(folder).resolve()), source_sha256, gate_sha256, recipe())] = data
+        _MEMORY[(str(Path(folder).resolve()), source_sha256, gate_sha256, current)] = data
     return data
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from node import atomic
 from node.analysis import gate, quantize
-from node.analysis.threads import available_cpus
+from node.analysis.threads import available_cpus, cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,7 @@ class Choice:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def host_keys(threads: int) -> tuple[str, str]:

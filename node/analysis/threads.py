@@ -14,11 +14,34 @@ cannot see each other: give them ``model_threads`` explicitly.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 # the queue whose tasks keep the model busy (node.workflow.tasks.MODEL_QUEUES also load it)
 SHARING_QUEUES = frozenset({"analysis"})
+
+
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's entries of a ``/proc/cpuinfo`` text (``model name``, ``flags``...)."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if not colon:
+            if entries:  # the blank line after the first processor
+                break
+            continue
+        entries.setdefault(name.strip(), value.strip())
+    return entries
+
+
+@functools.cache
+def cpuinfo() -> dict[str, str]:
+    """This host's :func:`parse_cpuinfo`, read once; empty where it cannot be read (not Linux)."""
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
+    except OSError:
+        return {}
 
 
 def available_cpus() -> int:
